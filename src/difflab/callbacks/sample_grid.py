@@ -1,0 +1,48 @@
+"""Sample grids during training, from the EMA weights and a fixed seed, so grids compare across steps and runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+
+from difflab.images import save_grid, to_uint8
+from difflab.module import DiffusionModule
+from difflab.samplers import Sampler
+
+
+class SampleGrid(L.Callback):
+    """Every ``every_n_steps`` optimizer steps and at the end, write ``<dirpath>/step_NNNNNN.png``.
+
+    Uses the same ``DiffusionModule.generate`` as sample.py. Only global rank 0 samples.
+    """
+
+    def __init__(
+        self, dirpath: str, sampler: Sampler, every_n_steps: int = 500, num_samples: int = 64,
+        seed: int = 0, scale: int = 4,
+    ) -> None:
+        if every_n_steps <= 0 or num_samples <= 0:
+            raise ValueError(f"every_n_steps and num_samples must be positive, got {every_n_steps}, {num_samples}")
+        self.dirpath, self.sampler = Path(dirpath), sampler
+        self.every_n_steps, self.num_samples, self.seed, self.scale = every_n_steps, num_samples, seed, scale
+        self.last_step = -1
+
+    def write(self, trainer: L.Trainer, module: DiffusionModule) -> Path | None:
+        step = trainer.global_step
+        if step == self.last_step or not trainer.is_global_zero:
+            return None
+        self.last_step = step
+        images = to_uint8(module.generate(self.sampler, self.num_samples, self.seed))
+        path = save_grid(images, self.dirpath / f"step_{step:06d}.png", scale=self.scale)
+        for logger in trainer.loggers:
+            if hasattr(logger, "log_image"):
+                logger.log_image(key="samples", images=[str(path)], step=step)
+        return path
+
+    def on_train_batch_end(self, trainer: L.Trainer, module: DiffusionModule, *args: Any) -> None:
+        if trainer.global_step % self.every_n_steps == 0:
+            self.write(trainer, module)
+
+    def on_train_end(self, trainer: L.Trainer, module: DiffusionModule) -> None:
+        self.write(trainer, module)

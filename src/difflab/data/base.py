@@ -1,0 +1,94 @@
+"""In-memory image DataModules: the whole dataset is one tensor, batches are index slices.
+
+Measured on 2 cores (../shared/NOTES.md): DataLoader workers cost 10-30x more per batch than
+indexing a tensor in the main process, so batches are fetched whole through ``__getitems__``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from difflab.errors import ConfigError
+
+
+def _batch_as_is(batch: Any) -> Any:
+    return batch
+
+
+class TensorImages(Dataset):
+    """Images (N, C, H, W) in [-1, 1] with labels (N,); fetches a whole batch per call, optionally flipped."""
+
+    def __init__(self, images: Tensor, labels: Tensor, hflip: bool = False) -> None:
+        self.images, self.labels, self.hflip = images, labels, hflip
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+        return self.__getitems__([index])
+
+    def __getitems__(self, indices: list[int]) -> tuple[Tensor, Tensor]:
+        idx = torch.as_tensor(indices)
+        x = self.images[idx]
+        if self.hflip:
+            flip = torch.rand(len(idx)) < 0.5
+            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        return x, self.labels[idx]
+
+
+class InMemoryDataModule(L.LightningDataModule):
+    """Loads (images, labels, class names) once, splits off a fixed validation set, serves tensor batches.
+
+    ``batch_size`` is per device (per process under DDP), as in Lightning.
+    """
+
+    def __init__(
+        self, resolution: int, channels: int, batch_size: int = 64, val_fraction: float = 0.1,
+        hflip: bool = False, split_seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if batch_size <= 0:
+            raise ConfigError(f"dataset.batch_size must be a positive integer, got {batch_size}")
+        if not 0.0 <= val_fraction < 1.0:
+            raise ConfigError(f"dataset.val_fraction must lie in [0, 1), got {val_fraction}")
+        if channels not in (1, 3):
+            raise ConfigError(f"dataset.channels must be 1 (grayscale) or 3 (RGB), got {channels}")
+        self.resolution, self.channels = resolution, channels
+        self.batch_size, self.val_fraction, self.hflip, self.split_seed = batch_size, val_fraction, hflip, split_seed
+        self.train_set: TensorImages | None = None
+        self.val_set: TensorImages | None = None
+        self.class_names: list[str] = []
+
+    def load(self) -> tuple[Tensor, Tensor, list[str]]:
+        """All images (N, channels, resolution, resolution) in [-1, 1], labels (N,) long, class names."""
+        raise NotImplementedError
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        images, labels, self.class_names = self.load()
+        expected = (self.channels, self.resolution, self.resolution)
+        if tuple(images.shape[1:]) != expected:
+            raise ConfigError(f"dataset gives images of shape {tuple(images.shape[1:])}, expected {expected}")
+        order = torch.randperm(len(images), generator=torch.Generator().manual_seed(self.split_seed))
+        n_val = int(round(self.val_fraction * len(images)))
+        val, train = order[:n_val], order[n_val:]
+        if len(train) < self.batch_size:
+            raise ConfigError(
+                f"the training split has {len(train)} images, fewer than dataset.batch_size={self.batch_size}"
+            )
+        self.train_set = TensorImages(images[train], labels[train], self.hflip)
+        self.val_set = TensorImages(images[val], labels[val])
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(
+            self.train_set, batch_size=self.batch_size, shuffle=True, drop_last=True, collate_fn=_batch_as_is
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val_set, batch_size=self.batch_size, collate_fn=_batch_as_is)
