@@ -58,40 +58,53 @@ def _check_num_timesteps(num_timesteps: int) -> None:
         raise ValueError(f"a schedule needs an integer number of timesteps T >= 2, got T={num_timesteps}")
 
 
+def _as(coef: Tensor, x: Tensor) -> Tensor:
+    """A float64 coefficient cast to x's dtype (and device) just before it multiplies x."""
+    return coef.to(dtype=x.dtype, device=x.device)
+
+
 def q_sample_abar(x0: Tensor, abar_t: Tensor, noise: Tensor) -> Tensor:
     """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps (Ho et al. 2020, eq. 4); abar_t broadcasts to x0."""
-    return abar_t.sqrt() * x0 + (1 - abar_t).sqrt() * noise
+    return _as(abar_t.sqrt(), x0) * x0 + _as((1 - abar_t).sqrt(), x0) * noise
 
 
 def x0_from_eps(x_t: Tensor, eps: Tensor, abar_t: Tensor) -> Tensor:
     """x0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t) (eq. 4 solved for x0; eq. 15)."""
-    return (x_t - (1 - abar_t).sqrt() * eps) / abar_t.sqrt()
+    return _as(abar_t.rsqrt(), x_t) * x_t - _as(((1 - abar_t) / abar_t).sqrt(), x_t) * eps
 
 
-def posterior_mean_variance(x0: Tensor, x_t: Tensor, abar_t: Tensor, abar_prev: Tensor) -> tuple[Tensor, Tensor]:
-    """q(x_{t'} | x_t, x0) = N(mu~, beta~) for a step t -> t' (eq. 6-7).
+def posterior_coefficients(abar_t: Tensor, abar_prev: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(c_x0, c_xt, beta~) of q(x_{t'} | x_t, x0) = N(c_x0 x0 + c_xt x_t, beta~) for a step t -> t' (eq. 6-7).
 
-    mu~ = sqrt(abar_{t'}) beta / (1 - abar_t) x0 + sqrt(alpha) (1 - abar_{t'}) / (1 - abar_t) x_t and
+    c_x0 = sqrt(abar_{t'}) beta / (1 - abar_t), c_xt = sqrt(alpha) (1 - abar_{t'}) / (1 - abar_t),
     beta~ = (1 - abar_{t'}) / (1 - abar_t) beta, with alpha = abar_t / abar_{t'} and beta = 1 - alpha.
-    Returns (mean shaped like x_t, variance shaped like abar_t).
     """
     alpha = abar_t / abar_prev
     beta = 1 - alpha
-    mean = (abar_prev.sqrt() * beta / (1 - abar_t)) * x0 + (alpha.sqrt() * (1 - abar_prev) / (1 - abar_t)) * x_t
-    return mean, (1 - abar_prev) / (1 - abar_t) * beta
+    return abar_prev.sqrt() * beta / (1 - abar_t), alpha.sqrt() * (1 - abar_prev) / (1 - abar_t), (1 - abar_prev) / (1 - abar_t) * beta
+
+
+def posterior_mean_variance(x0: Tensor, x_t: Tensor, abar_t: Tensor, abar_prev: Tensor) -> tuple[Tensor, Tensor]:
+    """Mean mu~ (shaped like x_t) and variance beta~ (float64, shaped like abar_t) of q(x_{t'} | x_t, x0)."""
+    c_x0, c_xt, variance = posterior_coefficients(abar_t, abar_prev)
+    return _as(c_x0, x0) * x0 + _as(c_xt, x_t) * x_t, variance
 
 
 def eps_mean(x_t: Tensor, eps: Tensor, abar_t: Tensor, abar_prev: Tensor) -> Tensor:
     """mu_theta = (x_t - beta / sqrt(1 - abar_t) eps_theta) / sqrt(alpha) (eq. 11), alpha = abar_t / abar_{t'}."""
     alpha = abar_t / abar_prev
-    return (x_t - (1 - alpha) / (1 - abar_t).sqrt() * eps) / alpha.sqrt()
+    return _as(alpha.rsqrt(), x_t) * x_t - _as((1 - alpha) / ((1 - abar_t) * alpha).sqrt(), x_t) * eps
 
 
 class NoiseSchedule(nn.Module):
     """A discrete noise schedule beta_0..beta_{T-1} with the forward-process closed forms.
 
-    Computed in float64 and stored as float32 buffers. The buffers are not persistent: a
-    schedule rebuilds from its config, so a checkpoint never carries a stale copy.
+    ``betas`` and ``alphas_cumprod`` are float64 buffers and every coefficient is computed in
+    float64, then cast to the data's dtype: in float32, 1 - abar_t and 1 - abar_t / abar_{t-1}
+    lose ~1e-3 of their relative precision at small t (measured in tests/test_schedule.py),
+    which the likelihood terms feel. The buffers are not persistent: a schedule rebuilds from
+    its config, so a checkpoint never carries a stale copy. (Use "*-mixed" precision, which
+    leaves buffers alone, not "bf16-true".)
     """
 
     betas: Tensor
@@ -106,14 +119,8 @@ class NoiseSchedule(nn.Module):
             raise ValueError(
                 f"every beta must lie in (0, 1], got min {betas.min().item():.3g}, max {betas.max().item():.3g}"
             )
-        alphas_cumprod = torch.cumprod(1 - betas, dim=0)
-        self.register_buffer("betas", betas.float(), persistent=False)
-        self.register_buffer("alphas_cumprod", alphas_cumprod.float(), persistent=False)
-        alphas_cumprod_prev = torch.cat([alphas_cumprod.new_ones(1), alphas_cumprod[:-1]])
-        # beta~_t (eq. 7), float64 before the cast; beta~_0 = 0.
-        self.register_buffer(
-            "posterior_variance", ((1 - alphas_cumprod_prev) / (1 - alphas_cumprod) * betas).float(), persistent=False
-        )
+        self.register_buffer("betas", betas, persistent=False)
+        self.register_buffer("alphas_cumprod", torch.cumprod(1 - betas, dim=0), persistent=False)
 
     @classmethod
     def linear(cls, num_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> NoiseSchedule:
@@ -131,21 +138,23 @@ class NoiseSchedule(nn.Module):
         return self.betas.numel()
 
     def abar(self, t: Tensor, ndim: int = 1) -> Tensor:
-        """abar_t for integer timesteps t in {-1, ..., T-1} (abar_{-1} = 1), shaped (B,) + (1,) * (ndim - 1)."""
+        """abar_t (float64) for integer timesteps t in {-1, ..., T-1} (abar_{-1} = 1), shaped (B,) + (1,) * (ndim - 1)."""
         t = torch.as_tensor(t, device=self.alphas_cumprod.device).long()
-        abar = torch.where(t >= 0, self.alphas_cumprod[t.clamp(min=0)], torch.ones((), device=t.device))
+        abar = torch.where(t >= 0, self.alphas_cumprod[t.clamp(min=0)], self.alphas_cumprod.new_ones(()))
         return abar.reshape(abar.shape + (1,) * (ndim - abar.ndim))
 
-    def sample_timesteps(self, batch_size: int, device: torch.device | str | None = None) -> Tensor:
-        """t ~ Uniform{0, ..., T-1}, shape (B,) (Algorithm 1)."""
-        return torch.randint(0, self.num_timesteps, (batch_size,), device=device)
+    @property
+    def posterior_variance(self) -> Tensor:
+        """beta~_t = (1 - abar_{t-1}) / (1 - abar_t) beta_t for t = 0..T-1 (eq. 7), float64, beta~_0 = 0."""
+        t = torch.arange(self.num_timesteps, device=self.betas.device)
+        return posterior_coefficients(self.abar(t), self.abar(t - 1))[2]
 
     def q_sample(self, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
         """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps (eq. 4); x0, noise (B, ...), t (B,)."""
         return q_sample_abar(x0, self.abar(t, x0.ndim), noise)
 
     def q_posterior(self, x0: Tensor, x_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
-        """Mean and variance of q(x_{t-1} | x_t, x0) (eq. 6-7); variance shaped (B, 1, ...)."""
+        """Mean and variance of q(x_{t-1} | x_t, x0) (eq. 6-7); variance float64, shaped (B, 1, ...)."""
         return posterior_mean_variance(x0, x_t, self.abar(t, x_t.ndim), self.abar(t - 1, x_t.ndim))
 
     def predict_x0_from_eps(self, x_t: Tensor, t: Tensor, eps: Tensor) -> Tensor:

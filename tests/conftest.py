@@ -1,0 +1,59 @@
+"""Shared test fixtures. Tests run offline: no hub, no W&B network."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+
+# Overrides that keep a real train.py run to a few seconds.
+TINY_TRAIN = [
+    "model=tiny",
+    "dataset.resolution=8",
+    "dataset.batch_size=32",
+    "trainer.max_steps=6",
+    "trainer.val_check_interval=3",
+    "trainer.limit_val_batches=2",
+    "trainer.enable_progress_bar=false",
+    "trainer.enable_model_summary=false",
+    "callbacks.model_checkpoint.every_n_train_steps=3",
+    "callbacks.sample_grid.every_n_steps=3",
+    "callbacks.sample_grid.num_samples=4",
+    "sampler.num_steps=5",
+]
+
+
+def run_script(script: str, *overrides: str, cwd: Path = ROOT, check: bool = True) -> subprocess.CompletedProcess:
+    """Run train.py / sample.py as a user would, from the repo root; returns the finished process."""
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / script), *overrides], cwd=cwd, capture_output=True, text=True, timeout=600
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{script} {' '.join(overrides)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def compose(config_name: str, overrides: list[str]):
+    """The config ``config_name`` composes to, as Hydra would for the entry point."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return hydra_compose(config_name=config_name, overrides=overrides)
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory) -> Path:
+    """A tiny model trained for 6 steps by train.py; returns its run dir."""
+    run_dir = tmp_path_factory.mktemp("train") / "run"
+    run_script("train.py", *TINY_TRAIN, f"hydra.run.dir={run_dir}")
+    return run_dir

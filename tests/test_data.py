@@ -1,0 +1,94 @@
+"""DataModules: the bundled digits and a folder of images, with their error messages."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from difflab.data import DigitsDataModule, ImageFolderDataModule
+from difflab.errors import ConfigError
+
+
+def test_digits_are_scaled_to_the_model_range_and_keep_labels():
+    dm = DigitsDataModule(resolution=16, batch_size=64, val_fraction=0.1)
+    dm.setup("fit")
+    assert dm.train_set.images.shape == (1617, 1, 16, 16) and dm.val_set.images.shape == (180, 1, 16, 16)
+    x = torch.cat([dm.train_set.images, dm.val_set.images])
+    assert x.min().item() == pytest.approx(-1.0) and x.max().item() == pytest.approx(1.0, abs=0.02)
+    labels = torch.cat([dm.train_set.labels, dm.val_set.labels])
+    assert torch.bincount(labels).tolist() == [178, 182, 177, 183, 181, 182, 181, 179, 174, 180]
+    assert dm.class_names == [str(d) for d in range(10)]
+    xb, yb = next(iter(dm.train_dataloader()))
+    assert xb.shape == (64, 1, 16, 16) and yb.shape == (64,) and yb.dtype == torch.long
+
+
+def test_digits_at_native_resolution_are_the_sklearn_pixels():
+    from sklearn.datasets import load_digits
+
+    dm = DigitsDataModule(resolution=8, val_fraction=0.0)
+    dm.setup()
+    raw = torch.as_tensor(load_digits().images, dtype=torch.float32)
+    assert torch.allclose(torch.sort(dm.train_set.images.flatten())[0], torch.sort((raw / 8 - 1).flatten())[0])
+
+
+def _write_images(folder, n, size=(20, 12), mode="RGB"):
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        shape = (size[1], size[0], 3) if mode == "RGB" else (size[1], size[0])
+        Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode).save(folder / f"img{i}.png")
+
+
+def test_image_folder_with_class_subfolders(tmp_path):
+    _write_images(tmp_path / "cats", 5)
+    _write_images(tmp_path / "dogs", 3, mode="L")
+    dm = ImageFolderDataModule(path=str(tmp_path), resolution=8, channels=3, batch_size=2, val_fraction=0.0, hflip=True)
+    dm.setup()
+    assert dm.class_names == ["cats", "dogs"]
+    assert dm.train_set.images.shape == (8, 3, 8, 8)
+    assert sorted(dm.train_set.labels.tolist()) == [0, 0, 0, 0, 0, 1, 1, 1]
+    assert dm.train_set.images.min() >= -1 and dm.train_set.images.max() <= 1
+
+
+def test_image_folder_centre_crops_to_a_square(tmp_path):
+    img = np.zeros((10, 30), dtype=np.uint8)
+    img[:, 10:20] = 255  # a white centre third: after the centre crop only white remains
+    tmp_path.mkdir(exist_ok=True)
+    Image.fromarray(img, "L").save(tmp_path / "wide.png")
+    dm = ImageFolderDataModule(path=str(tmp_path), resolution=10, channels=1, batch_size=1, val_fraction=0.0)
+    dm.setup()
+    assert dm.train_set.images.shape == (1, 1, 10, 10)
+    assert dm.train_set.labels.tolist() == [0] and dm.class_names == []
+    assert torch.allclose(dm.train_set.images, torch.ones(1, 1, 10, 10))
+
+
+@pytest.mark.parametrize(
+    ("setup", "message"),
+    [
+        (lambda p: None, r"dataset.path=.*missing is not a directory"),
+        (lambda p: (p / "missing").mkdir(), r"dataset.path=.*missing holds no images"),
+        (lambda p: ((p / "missing").mkdir(), (p / "missing" / "bad.png").write_bytes(b"not a png")), r"cannot read image .*bad.png"),
+    ],
+    ids=["missing", "empty", "unreadable"],
+)
+def test_image_folder_errors_name_the_problem(tmp_path, setup, message):
+    setup(tmp_path)
+    dm = ImageFolderDataModule(path=str(tmp_path / "missing"), resolution=8, channels=3, batch_size=1)
+    with pytest.raises(ConfigError, match=message):
+        dm.setup()
+
+
+def test_truncated_image_is_refused(tmp_path):
+    _write_images(tmp_path, 2, size=(64, 64))
+    data = (tmp_path / "img1.png").read_bytes()
+    (tmp_path / "img1.png").write_bytes(data[: len(data) // 2])
+    dm = ImageFolderDataModule(path=str(tmp_path), resolution=8, channels=3, batch_size=1)
+    with pytest.raises(ConfigError, match=r"cannot read image .*img1.png"):
+        dm.setup()
+
+
+def test_batch_size_larger_than_the_training_split_is_refused():
+    with pytest.raises(ConfigError, match="fewer than dataset.batch_size=5000"):
+        DigitsDataModule(resolution=8, batch_size=5000).setup()
