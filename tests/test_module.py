@@ -17,11 +17,11 @@ def test_ema_follows_the_warmup_recursion():
     expected = None
     for n, w in enumerate([1.0, 3.0, -2.0, 5.0, 0.5, 4.0]):
         model.weight.data.fill_(w)
-        ema.update_parameters(model)
+        ema.update(model)
         if expected is None:
             expected = w  # the first update copies
         else:
-            d = min(0.9, (1 + (n - 1)) / (10 + (n - 1)))
+            d = min(0.9, (1 + n) / (10 + n))  # n updates so far
             expected = d * expected + (1 - d) * w
         assert ema.module.weight.item() == pytest.approx(expected, rel=1e-6)
     assert ema.current_decay(0) == pytest.approx(0.1) and ema.current_decay(10_000) == 0.9
@@ -33,7 +33,7 @@ def test_ema_without_warmup_uses_the_constant_decay():
     ema = EMA(model, decay=0.5, warmup=False)
     for w in [2.0, 4.0, 8.0]:
         model.weight.data.fill_(w)
-        ema.update_parameters(model)
+        ema.update(model)
     assert ema.module.weight.item() == pytest.approx(0.5 * (0.5 * 2 + 0.5 * 4) + 0.5 * 8)
     with pytest.raises(ValueError, match=r"decay must lie in \[0, 1\), got decay=1.0"):
         EMA(model, decay=1.0)

@@ -1,39 +1,55 @@
-"""Exponential moving average of the weights, on torch.optim.swa_utils.AveragedModel."""
+"""Exponential moving average of the weights."""
 
 from __future__ import annotations
 
+import copy
+from typing import Any
+
 import torch
-from torch import Tensor, nn
-from torch.optim.swa_utils import AveragedModel
+from torch import nn
 
 
-class EMA(AveragedModel):
+class EMA(nn.Module):
     """theta_ema <- d theta_ema + (1 - d) theta after each optimizer step, d = min(decay, (1 + n) / (10 + n)).
 
-    The warm-up (n = updates so far; as in TensorFlow's ExponentialMovingAverage with num_updates)
-    lets short runs benefit: early on the average forgets the random initialisation quickly. The
-    update is one ``torch._foreach_lerp_`` per device and dtype (measured 3x faster than a Python
-    loop, 4x faster than diffusers' EMAModel on this CPU; see ../shared/NOTES.md).
+    n counts the updates so far; the first update copies the weights. The warm-up (as in
+    TensorFlow's ExponentialMovingAverage with num_updates) lets short runs benefit: early on the
+    average forgets the random initialisation quickly.
+
+    Written by hand rather than on ``torch.optim.swa_utils.AveragedModel``: its update regroups
+    the tensors and reads its device-side counter every step, 4.7 ms per update against 0.8 ms
+    for this single ``torch._foreach_lerp_`` (1.1M-parameter UNet, 2 CPU threads; diffusers'
+    EMAModel is slower still, ../shared/NOTES.md). The count is a Python int saved as extra state,
+    so an update never waits on the GPU.
     """
 
     def __init__(self, model: nn.Module, decay: float = 0.999, warmup: bool = True) -> None:
+        super().__init__()
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"EMA decay must lie in [0, 1), got decay={decay}")
-        super().__init__(model, multi_avg_fn=self._lerp, use_buffers=True)
-        self.module.requires_grad_(False)
-        self.decay = decay
-        self.warmup = warmup
+        self.module = copy.deepcopy(model).requires_grad_(False)
+        self.decay, self.warmup = decay, warmup
+        self.num_updates = 0
 
     def current_decay(self, num_updates: int | None = None) -> float:
-        """The decay d applied at the next update (after ``num_updates`` updates; default: so far)."""
-        n = int(self.n_averaged) if num_updates is None else num_updates
+        """The decay d the next update applies (after ``num_updates`` updates; default: so far)."""
+        n = self.num_updates if num_updates is None else num_updates
         return min(self.decay, (1 + n) / (10 + n)) if self.warmup else self.decay
 
     @torch.no_grad()
-    def _lerp(self, ema_params: list[Tensor], params: list[Tensor], num_averaged: Tensor) -> None:
-        # AveragedModel already syncs on n_averaged each update, so reading it here costs nothing more.
-        weight = 1.0 - self.current_decay(int(num_averaged) - 1)
-        if ema_params[0].is_floating_point():
-            torch._foreach_lerp_(ema_params, params, weight)
-        else:  # integer buffers (counters) are copied, not averaged
-            torch._foreach_copy_(ema_params, params)
+    def update(self, model: nn.Module) -> None:
+        """Move the averaged parameters towards ``model``'s; buffers (constants in a denoiser) are copied."""
+        ema, new = list(self.module.parameters()), [p.detach() for p in model.parameters()]
+        if self.num_updates == 0:
+            torch._foreach_copy_(ema, new)
+        else:
+            torch._foreach_lerp_(ema, new, 1.0 - self.current_decay())
+        for ema_buffer, buffer in zip(self.module.buffers(), model.buffers()):
+            ema_buffer.copy_(buffer)
+        self.num_updates += 1
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"num_updates": self.num_updates}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        self.num_updates = int(state["num_updates"])

@@ -55,7 +55,7 @@ class DiffusionModule(L.LightningModule):
         return loss
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        self.ema.update_parameters(self.net)
+        self.ema.update(self.net)
         self.log("train/ema_decay", self.ema.current_decay())
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:

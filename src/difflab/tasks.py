@@ -70,17 +70,34 @@ def train(cfg: DictConfig) -> dict[str, float]:
     return metrics
 
 
+def _show(path: Path) -> str:
+    """A path as the user would type it: relative to the working directory when inside it."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
 def _report_training(run_dir: Path, metrics: dict[str, float]) -> None:
     grids = sorted((run_dir / "samples").glob("step_*.png"))
-    lines = [f"run dir:     {run_dir}", f"checkpoint:  {run_dir / 'checkpoints' / 'last.ckpt'}"]
+    lines = [f"run dir:     {_show(run_dir)}", f"checkpoint:  {_show(run_dir / 'checkpoints' / 'last.ckpt')}"]
     if grids:
-        lines.append(f"samples:     {grids[-1]}")
+        lines.append(f"samples:     {_show(grids[-1])}")
     lines += [f"{k}: {v:.4f}" for k, v in sorted(metrics.items()) if k.startswith("val/")]
-    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.RUN:
+    if _default_single_run():
         latest = _link_latest(run_dir)
         if latest:
-            lines.append(f"latest:      {latest} -> {run_dir.name} (python sample.py ckpt={latest})")
+            lines.append(f"latest:      {_show(latest)} -> {run_dir.name} (python sample.py ckpt={_show(latest)})")
     print("\n".join(lines), flush=True)
+
+
+def _default_single_run() -> bool:
+    """A single (not -m) Hydra run whose run dir is the config's own, not one the user picked."""
+    if not HydraConfig.initialized():
+        return False
+    hydra_cfg = HydraConfig.get()
+    picked = any(o.startswith("hydra.run.dir=") for o in hydra_cfg.overrides.hydra)
+    return hydra_cfg.mode == RunMode.RUN and not picked
 
 
 def _link_latest(run_dir: Path) -> Path | None:
@@ -152,5 +169,5 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
     out_dir.mkdir(parents=True, exist_ok=True)
     np.savez(out_dir / "samples.npz", arr_0=images)
     grid = save_grid(images, out_dir / "grid.png", scale=cfg.grid_scale)
-    print(f"samples:     {out_dir / 'samples.npz'} {images.shape} {images.dtype}\ngrid:        {grid}", flush=True)
+    print(f"samples:     {_show(out_dir / 'samples.npz')} {images.shape} {images.dtype}\ngrid:        {_show(grid)}", flush=True)
     return {"samples": out_dir / "samples.npz", "grid": grid, "images": images}

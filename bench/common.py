@@ -1,0 +1,40 @@
+"""Shared benchmark helpers: the default model, the digits and a pixel-space Frechet distance."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchmetrics.image.fid import FrechetInceptionDistance
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def compose(config_name: str, overrides: list[str]):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return hydra_compose(config_name=config_name, overrides=overrides)
+
+
+class DigitPixels(nn.Module):
+    """Features for a Frechet distance on the digits: images area-averaged to the native 8x8, flattened (64-d)."""
+
+    num_features = 64
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """images (N, 1, H, W) in [-1, 1] -> (N, 64) float64."""
+        return F.adaptive_avg_pool2d(images.double(), 8).flatten(1)
+
+
+def frechet_distance(fake: torch.Tensor, real: torch.Tensor) -> float:
+    """Frechet distance between two image sets (N, 1, H, W) in [-1, 1], in 8x8 pixel space (torchmetrics FID)."""
+    fid = FrechetInceptionDistance(feature=DigitPixels(), reset_real_features=True).double()
+    fid.update(real, real=True)
+    fid.update(fake, real=False)
+    return float(fid.compute())
