@@ -25,6 +25,7 @@ TINY_TRAIN = [
     "trainer.limit_val_batches=2",
     "trainer.enable_progress_bar=false",
     "trainer.enable_model_summary=false",
+    "trainer.log_every_n_steps=1",
     "callbacks.model_checkpoint.every_n_train_steps=3",
     "callbacks.sample_grid.every_n_steps=3",
     "callbacks.sample_grid.num_samples=4",

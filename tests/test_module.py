@@ -51,7 +51,8 @@ def test_samples_do_not_depend_on_the_batch_size(tiny_module):
         whole = tiny_module.generate(sampler, 5, seed=3, batch_size=5)
         split = tiny_module.generate(sampler, 5, seed=3, batch_size=2)
         assert whole.shape == (5, 1, 8, 8)
-        assert torch.allclose(whole, split, rtol=1e-4, atol=1e-5)  # only float rounding of batched convs differs
+        # only float rounding of the batched convolutions may differ (untrained weights: values ~400)
+        assert (whole - split).abs().max() <= 1e-6 * whole.abs().max()
         assert not torch.allclose(whole, tiny_module.generate(sampler, 5, seed=4, batch_size=5))
 
 

@@ -54,7 +54,10 @@ class DiffusionModule(L.LightningModule):
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        # The EMA follows each optimizer step here, before any callback's on_train_batch_end, so a
+        # checkpoint written at step k holds the EMA of step k (not k - 1) and resumes exactly.
+        super().optimizer_step(*args, **kwargs)
         self.ema.update(self.net)
         self.log("train/ema_decay", self.ema.current_decay())
 
