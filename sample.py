@@ -6,7 +6,7 @@ from omegaconf import DictConfig
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="sample")
 def main(cfg: DictConfig) -> None:
-    from difflab.tasks import sample
+    from difflab.tasks import sample  # imported here so --help and config errors answer at once
 
     sample(cfg)
 

@@ -37,5 +37,8 @@ class UNetDenoiser(nn.Module):
         return (self.unet.config.in_channels, h, w)
 
     def forward(self, x_t: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
-        """eps_theta(x_t, t[, y]); x_t (B, C, H, W), t (B,) long, y (B,) long class ids or None."""
-        return self.unet(x_t, t, class_labels=y).sample
+        """eps_theta(x_t, t[, y]); x_t (B, C, H, W), t (B,) long, y (B,) long class ids or None.
+
+        An unconditional UNet ignores y (classifier guidance passes labels to the classifier only).
+        """
+        return self.unet(x_t, t, class_labels=y if self.unet.class_embedding is not None else None).sample

@@ -30,8 +30,23 @@ def make_grid(images: np.ndarray, nrow: int | None = None, padding: int = 2) -> 
     return grid
 
 
-def save_grid(images: np.ndarray, path: str | Path, nrow: int | None = None, scale: int = 1) -> Path:
-    """Write uint8 images (N, H, W, C) as one PNG grid, each pixel enlarged ``scale`` times (nearest)."""
+def class_rows(images: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, int]:
+    """Reorder images (N, H, W, C) so each class fills its own row (blank cells pad short rows); returns (images, nrow)."""
+    classes, counts = np.unique(labels, return_counts=True)
+    nrow = int(counts.max())
+    rows = np.zeros((len(classes) * nrow, *images.shape[1:]), dtype=images.dtype)
+    for r, c in enumerate(classes):
+        members = images[labels == c]
+        rows[r * nrow : r * nrow + len(members)] = members
+    return rows, nrow
+
+
+def save_grid(
+    images: np.ndarray, path: str | Path, nrow: int | None = None, scale: int = 1, labels: np.ndarray | None = None
+) -> Path:
+    """Write uint8 images (N, H, W, C) as one PNG grid, pixels enlarged ``scale`` times; with labels, a row per class."""
+    if labels is not None:
+        images, nrow = class_rows(images, np.asarray(labels))
     grid = make_grid(images, nrow)
     if scale > 1:
         grid = grid.repeat(scale, axis=0).repeat(scale, axis=1)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import lightning as L
@@ -12,6 +12,7 @@ from torch.optim.lr_scheduler import LinearLR
 
 from difflab.denoiser import UNetDenoiser
 from difflab.ema import EMA
+from difflab.guidance import ClassifierFreeGuidance, ClassifierGuidance, drop_labels
 from difflab.losses import simple_loss
 from difflab.noise import PerSampleNoise
 from difflab.samplers import Sampler
@@ -20,6 +21,10 @@ from difflab.schedule import NoiseSchedule
 
 class DiffusionModule(L.LightningModule):
     """Schedule + UNet denoiser + L_simple + EMA; AdamW with linear warm-up.
+
+    With ``num_classes`` set, the UNet is class-conditional and training replaces each label by
+    the null label (index ``num_classes``, its own embedding) with probability ``p_uncond``, which
+    classifier-free guidance needs at sampling time.
 
     ``tasks.build_module`` saves the resolved run config as this module's hyper-parameters, so every
     checkpoint rebuilds its model without the training config at hand.
@@ -35,22 +40,40 @@ class DiffusionModule(L.LightningModule):
         warmup_steps: int = 0,
         ema_decay: float = 0.999,
         ema_warmup: bool = True,
+        num_classes: int | None = None,
+        p_uncond: float = 0.0,
     ) -> None:
         super().__init__()
+        if not 0.0 <= p_uncond < 1.0:
+            raise ValueError(f"conditioning.p_uncond must lie in [0, 1), got {p_uncond}")
+        if num_classes is not None and net.unet.config.num_class_embeds != num_classes + 1:
+            raise ValueError(
+                f"a {num_classes}-class model needs a UNet with num_class_embeds={num_classes + 1} (one null label), "
+                f"got {net.unet.config.num_class_embeds}"
+            )
+        self.num_classes, self.p_uncond = num_classes, p_uncond
         self.net = net
         self.schedule = schedule
         self.ema = EMA(net, decay=ema_decay, warmup=ema_warmup)
         self.lr, self.weight_decay, self.adam_betas = lr, weight_decay, tuple(adam_betas)
         self.warmup_steps = warmup_steps
 
-    def loss(self, x0: Tensor, net: UNetDenoiser, generator: torch.Generator | None = None) -> Tensor:
-        """L_simple at t ~ U{0..T-1}, eps ~ N(0, I) (Algorithm 1); x0 (B, C, H, W) in [-1, 1]."""
+    @property
+    def null_label(self) -> int | None:
+        """The label index that means "no class" (classifier-free guidance's unconditional pass)."""
+        return self.num_classes
+
+    def loss(
+        self, x0: Tensor, net: UNetDenoiser, y: Tensor | None = None, generator: torch.Generator | None = None
+    ) -> Tensor:
+        """L_simple at t ~ U{0..T-1}, eps ~ N(0, I) (Algorithm 1); x0 (B, C, H, W) in [-1, 1], y (B,) or None."""
         t = torch.randint(0, self.schedule.num_timesteps, (x0.shape[0],), device=x0.device, generator=generator)
         noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
-        return simple_loss(net(self.schedule.q_sample(x0, t, noise), t, None), noise)
+        return simple_loss(net(self.schedule.q_sample(x0, t, noise), t, y), noise)
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        loss = self.loss(batch[0], self.net)
+        y = drop_labels(batch[1], self.p_uncond, self.null_label) if self.num_classes else None
+        loss = self.loss(batch[0], self.net, y)
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
@@ -63,10 +86,10 @@ class DiffusionModule(L.LightningModule):
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         # The same t and noise for every validation pass, so the curve shows the model, not the draw.
-        x0 = batch[0]
+        x0, y = batch[0], (batch[1] if self.num_classes else None)
         for name, net in (("val/loss", self.net), ("val/loss_ema", self.ema.module)):
             generator = torch.Generator(device=x0.device).manual_seed(batch_idx)
-            self.log(name, self.loss(x0, net, generator), prog_bar=name == "val/loss_ema")
+            self.log(name, self.loss(x0, net, y, generator), prog_bar=name == "val/loss_ema")
 
     def configure_optimizers(self) -> dict[str, Any]:
         optimizer = torch.optim.AdamW(
@@ -77,6 +100,28 @@ class DiffusionModule(L.LightningModule):
         warmup = LinearLR(optimizer, start_factor=1.0 / self.warmup_steps, total_iters=self.warmup_steps)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": warmup, "interval": "step"}}
 
+    def guided_denoiser(
+        self,
+        use_ema: bool = True,
+        guidance_scale: float = 1.0,
+        guidance_rescale: float = 0.0,
+        classifier: Callable[[Tensor, Tensor], Tensor] | None = None,
+        classifier_scale: float = 0.0,
+    ) -> Callable[[Tensor, Tensor, Tensor | None], Tensor]:
+        """eps = f(x_t, t, y): the (EMA) network, wrapped in classifier-free and/or classifier guidance."""
+        denoiser: Callable[[Tensor, Tensor, Tensor | None], Tensor] = self.ema.module if use_ema else self.net
+        if guidance_scale != 1.0:
+            if not self.num_classes or self.p_uncond <= 0:
+                raise ValueError(
+                    f"guidance_scale={guidance_scale} needs a model trained with label dropout "
+                    f"(conditioning=class, p_uncond > 0); this one has num_classes={self.num_classes}, "
+                    f"p_uncond={self.p_uncond}: use guidance_scale=1"
+                )
+            denoiser = ClassifierFreeGuidance(denoiser, guidance_scale, self.null_label, guidance_rescale)
+        if classifier is not None:
+            denoiser = ClassifierGuidance(denoiser, classifier, classifier_scale, self.schedule.alphas_cumprod)
+        return denoiser
+
     @torch.no_grad()
     def generate(
         self,
@@ -84,22 +129,31 @@ class DiffusionModule(L.LightningModule):
         num_samples: int,
         seed: int = 0,
         batch_size: int = 64,
-        use_ema: bool = True,
+        labels: Tensor | None = None,
         progress: bool = False,
+        **guidance: Any,
     ) -> Tensor:
-        """Draw ``num_samples`` images (N, C, H, W) in [-1, 1]; sample i depends on (seed, i) only."""
+        """Draw ``num_samples`` images (N, C, H, W) in [-1, 1]; sample i depends on (seed, i, labels[i]) only.
+
+        ``labels`` (N,) long; ``guidance`` goes to :meth:`guided_denoiser` (use_ema, guidance_scale, ...).
+        """
         if num_samples <= 0:
             raise ValueError(f"num_samples must be a positive integer, got {num_samples}")
         if batch_size <= 0:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
-        net = self.ema.module if use_ema else self.net
-        was_training = net.training
-        net.eval()
+        if labels is not None and len(labels) != num_samples:
+            raise ValueError(f"got {len(labels)} labels for {num_samples} samples")
+        denoiser = self.guided_denoiser(**guidance)
+        nets = [self.ema.module, self.net]
+        modes = [net.training for net in nets]
+        for net in nets:
+            net.eval()
         batches = []
         for start in range(0, num_samples, batch_size):
-            noise = PerSampleNoise.for_indices(seed, range(start, min(start + batch_size, num_samples)), self.device)
-            batches.append(
-                sampler(net, self.schedule.alphas_cumprod, noise, self.net.sample_shape, progress=progress).cpu()
-            )
-        net.train(was_training)
+            stop = min(start + batch_size, num_samples)
+            noise = PerSampleNoise.for_indices(seed, range(start, stop), self.device)
+            y = None if labels is None else labels[start:stop].to(self.device)
+            batches.append(sampler(denoiser, self.schedule.alphas_cumprod, noise, self.net.sample_shape, y, progress).cpu())
+        for net, mode in zip(nets, modes):
+            net.train(mode)
         return torch.cat(batches)

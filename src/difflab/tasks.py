@@ -1,4 +1,4 @@
-"""train(cfg) and sample(cfg): the bodies of train.py and sample.py, as plain functions tests call."""
+"""train(cfg), train_classifier(cfg) and sample(cfg): the bodies of the entry points, as plain functions tests call."""
 
 from __future__ import annotations
 
@@ -17,26 +17,48 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from difflab.classifier import ClassifierModule
 from difflab.errors import ConfigError
+from difflab.guidance import balanced_labels
 from difflab.images import save_grid, to_uint8
 from difflab.module import DiffusionModule
+from difflab.schedule import NoiseSchedule
 
 log = logging.getLogger(__name__)
 
 
-def build_module(cfg: DictConfig) -> DiffusionModule:
-    """The DiffusionModule of a run config: ``cfg.model`` with the schedule of ``cfg.schedule``."""
+def _schedule(cfg: DictConfig) -> NoiseSchedule:
     try:
-        schedule = instantiate(cfg.schedule)
+        return instantiate(cfg.schedule)
     except Exception as err:  # Hydra wraps the schedule's ValueError; name the config group
         raise ConfigError(f"schedule config {OmegaConf.to_container(cfg.schedule)} is invalid: {_root_cause(err)}") from err
+
+
+def _instantiate(node: DictConfig, what: str, **kwargs: Any) -> Any:
     try:
-        module = instantiate(cfg.model, schedule=schedule)
+        return instantiate(node, **kwargs)
     except Exception as err:
         cause = _root_cause(err)
-        if isinstance(cause, ConfigError):
-            raise cause from err
-        raise ConfigError(f"model config is invalid: {cause}") from err
+        raise (cause if isinstance(cause, ConfigError) else ConfigError(f"{what} config is invalid: {cause}")) from err
+
+
+def build_module(cfg: DictConfig) -> DiffusionModule:
+    """The DiffusionModule of a run config: ``cfg.model`` with the schedule and conditioning of ``cfg``."""
+    extra: dict[str, Any] = {}
+    cond = cfg.get("conditioning")
+    if cond is not None and cond.enabled:
+        if not cond.num_classes:
+            raise ConfigError("conditioning=class needs conditioning.num_classes (taken from a dataset with classes)")
+        n = int(cond.num_classes)
+        extra = {"num_classes": n, "p_uncond": cond.p_uncond, "net": {"unet": {"num_class_embeds": n + 1}}}
+    module = _instantiate(cfg.model, "model", schedule=_schedule(cfg), **extra)
+    module.save_hyperparameters({"run_config": OmegaConf.to_container(cfg, resolve=True)})
+    return module
+
+
+def build_classifier(cfg: DictConfig) -> ClassifierModule:
+    """The ClassifierModule of a classifier run config (``cfg.classifier`` with ``cfg.schedule``)."""
+    module = _instantiate(cfg.classifier, "classifier", schedule=_schedule(cfg))
     module.save_hyperparameters({"run_config": OmegaConf.to_container(cfg, resolve=True)})
     return module
 
@@ -47,38 +69,68 @@ def _root_cause(err: BaseException) -> BaseException:
     return err
 
 
+def _labelled_classes(cfg: DictConfig, datamodule: Any, node: DictConfig, what: str) -> None:
+    """Fill ``node.num_classes`` and ``node.class_names`` from the dataset, or fail naming the mismatch."""
+    names = list(datamodule.class_names)
+    if not names:
+        raise ConfigError(
+            f"{what} needs a dataset with classes; dataset {cfg.dataset._target_} has none "
+            "(image_folder: put each class's images in its own sub-folder)"
+        )
+    if node.num_classes is None:
+        node.num_classes = len(names)
+    elif node.num_classes != len(names):
+        raise ConfigError(f"{what}: num_classes={node.num_classes}, but the dataset has {len(names)} classes")
+    if "class_names" in node:
+        node.class_names = names
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit the model of ``cfg`` on its dataset; returns the final callback metrics (val/loss, ...)."""
     L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.dataset)
     datamodule.setup("fit")  # bad data fails here, before a trainer or any output exists
+    if cfg.get("conditioning") is not None and cfg.conditioning.enabled:
+        _labelled_classes(cfg, datamodule, cfg.conditioning, "conditioning=class")
     module = build_module(cfg)
     data_shape = tuple(datamodule.train_set.images.shape[1:])
     if data_shape != module.net.sample_shape:
         raise ConfigError(f"the dataset's images are {data_shape} but the model expects {module.net.sample_shape}")
-    if cfg.ckpt_path is not None and not Path(cfg.ckpt_path).is_file():
-        raise ConfigError(f"ckpt_path={cfg.ckpt_path} does not exist: give a .ckpt file written by an earlier run")
+    return _fit(cfg, module, datamodule)
 
+
+def train_classifier(cfg: DictConfig) -> dict[str, float]:
+    """Fit a noise-aware classifier p(y | x_t, t) on the dataset and schedule of ``cfg`` (classifier guidance)."""
+    L.seed_everything(cfg.seed, workers=True)
+    datamodule = instantiate(cfg.dataset)
+    datamodule.setup("fit")
+    _labelled_classes(cfg, datamodule, cfg.classifier.net, "a classifier")
+    cfg.class_names = list(datamodule.class_names)
+    return _fit(cfg, build_classifier(cfg), datamodule)
+
+
+def _fit(cfg: DictConfig, module: L.LightningModule, datamodule: L.LightningDataModule) -> dict[str, float]:
+    if cfg.get("ckpt_path") is not None and not Path(cfg.ckpt_path).is_file():
+        raise ConfigError(f"ckpt_path={cfg.ckpt_path} does not exist: give a .ckpt file written by an earlier run")
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c]
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
-
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     if trainer.is_global_zero:
-        _report_training(Path(cfg.output_dir), metrics)
+        _report_training(Path(cfg.output_dir), metrics, cfg.task_name)
     return metrics
 
 
 def _show(path: Path) -> str:
     """A path as the user would type it: relative to the working directory when inside it."""
     try:
-        return str(path.resolve().relative_to(Path.cwd().resolve()))
+        return str(path.absolute().relative_to(Path.cwd().absolute()))
     except ValueError:
         return str(path)
 
 
-def _report_training(run_dir: Path, metrics: dict[str, float]) -> None:
+def _report_training(run_dir: Path, metrics: dict[str, float], task_name: str) -> None:
     grids = sorted((run_dir / "samples").glob("step_*.png"))
     lines = [f"run dir:     {_show(run_dir)}", f"checkpoint:  {_show(run_dir / 'checkpoints' / 'last.ckpt')}"]
     if grids:
@@ -87,7 +139,8 @@ def _report_training(run_dir: Path, metrics: dict[str, float]) -> None:
     if _default_single_run():
         latest = _link_latest(run_dir)
         if latest:
-            lines.append(f"latest:      {_show(latest)} -> {run_dir.name} (python sample.py ckpt={_show(latest)})")
+            use = f"python sample.py ckpt={_show(latest)}" if task_name == "train" else f"sample.py classifier={_show(latest)}"
+            lines.append(f"latest:      {_show(latest)} -> {run_dir.name} ({use})")
     print("\n".join(lines), flush=True)
 
 
@@ -125,11 +178,8 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     return p
 
 
-def load_checkpoint(path: str | os.PathLike) -> DiffusionModule:
-    """Rebuild a DiffusionModule from a checkpoint alone (its run config travels inside it).
-
-    Loaded with ``weights_only=True``: a checkpoint holding arbitrary pickled objects is refused.
-    """
+def _read_checkpoint(path: str | os.PathLike, task_name: str) -> tuple[dict[str, Any], DictConfig]:
+    """A checkpoint's contents and run config, loaded with ``weights_only=True`` (no arbitrary pickles)."""
     p = resolve_checkpoint(path)
     try:
         ckpt = torch.load(p, map_location="cpu", weights_only=True)
@@ -138,9 +188,25 @@ def load_checkpoint(path: str | os.PathLike) -> DiffusionModule:
     run_config = ckpt.get("hyper_parameters", {}).get("run_config") if isinstance(ckpt, dict) else None
     if not run_config or "state_dict" not in ckpt:
         raise ConfigError(f"{p} is not a difflab checkpoint (it has no run config or state_dict)")
-    module = build_module(OmegaConf.create(run_config))
+    if run_config.get("task_name") != task_name:
+        raise ConfigError(f"{p} is a checkpoint of a '{run_config.get('task_name')}' run, expected a '{task_name}' run")
+    return ckpt, OmegaConf.create(run_config)
+
+
+def load_checkpoint(path: str | os.PathLike) -> DiffusionModule:
+    """Rebuild a DiffusionModule from a train.py checkpoint alone (its run config travels inside it)."""
+    ckpt, run_config = _read_checkpoint(path, "train")
+    module = build_module(run_config)
     module.load_state_dict(ckpt["state_dict"])
     return module
+
+
+def load_classifier(path: str | os.PathLike) -> ClassifierModule:
+    """Rebuild a ClassifierModule from a train_classifier.py checkpoint."""
+    ckpt, run_config = _read_checkpoint(path, "classifier")
+    module = build_classifier(run_config)
+    module.load_state_dict(ckpt["state_dict"])
+    return module.eval()
 
 
 def _device(name: str) -> torch.device:
@@ -149,8 +215,32 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def _sample_labels(cfg: DictConfig, num_classes: int | None, class_names: list[str], source: str) -> torch.Tensor | None:
+    """The class of every sample: ``labels=all`` (balanced, the default) or a list of ids / names, cycled."""
+    if not num_classes:
+        if cfg.labels is not None:
+            raise ConfigError(
+                f"labels={cfg.labels} given, but {source} is unconditional (trained with conditioning=none): "
+                "train with conditioning=class, or give a classifier= for classifier guidance"
+            )
+        return None
+    if cfg.labels is None or cfg.labels == "all":
+        return balanced_labels(num_classes, cfg.num_samples)
+    requested = list(cfg.labels) if OmegaConf.is_list(cfg.labels) else [cfg.labels]
+    ids = []
+    for label in requested:
+        if isinstance(label, str) and label in class_names:
+            ids.append(class_names.index(label))
+        elif isinstance(label, int) and 0 <= label < num_classes:
+            ids.append(label)
+        else:
+            allowed = f"class ids in [0, {num_classes})" + (f" or names {class_names}" if class_names else "")
+            raise ConfigError(f"label {label!r} is not a class of this model: allowed are {allowed}, or labels=all")
+    return torch.tensor(ids)[torch.arange(cfg.num_samples) % len(ids)]
+
+
 def sample(cfg: DictConfig) -> dict[str, Any]:
-    """Sample ``cfg.num_samples`` images from ``cfg.ckpt``; writes samples.npz (arr_0: uint8 NHWC) and grid.png."""
+    """Sample ``cfg.num_samples`` images from ``cfg.ckpt``; writes samples.npz (arr_0: uint8 NHWC, arr_1: labels) and grid.png."""
     if int(cfg.num_samples) != cfg.num_samples or cfg.num_samples <= 0:
         raise ConfigError(f"num_samples must be a positive integer, got {cfg.num_samples}")
     if int(cfg.batch_size) != cfg.batch_size or cfg.batch_size <= 0:
@@ -161,13 +251,40 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
     for name in ("samples.npz", "grid.png"):
         if (out_dir / name).exists() and not cfg.overwrite:
             raise ConfigError(f"{out_dir / name} already exists: pick another out_dir, or set overwrite=true")
-    sampler = instantiate(cfg.sampler)
-    module = load_checkpoint(cfg.ckpt).to(_device(cfg.device))
+    sampler = _instantiate(cfg.sampler, "sampler")
+    device = _device(cfg.device)
+    module = load_checkpoint(cfg.ckpt).to(device)
+    if cfg.guidance_scale != 1.0 and (not module.num_classes or module.p_uncond <= 0):
+        raise ConfigError(
+            f"guidance_scale={cfg.guidance_scale} needs a model trained with label dropout (conditioning=class, "
+            f"p_uncond > 0); {cfg.ckpt} has num_classes={module.num_classes}, p_uncond={module.p_uncond}: "
+            "use guidance_scale=1"
+        )
+    class_names = list(module.hparams["run_config"].get("conditioning", {}).get("class_names", []))
+    num_classes, source, guidance = module.num_classes, f"the model {cfg.ckpt}", {}
+    if cfg.classifier is not None:
+        classifier = load_classifier(cfg.classifier).to(device)
+        if not torch.equal(classifier.schedule.betas.cpu(), module.schedule.betas.cpu()):
+            raise ConfigError(f"classifier {cfg.classifier} was trained on another noise schedule than {cfg.ckpt}")
+        k = classifier.net.head.out_features
+        if num_classes and num_classes != k:
+            raise ConfigError(f"classifier {cfg.classifier} has {k} classes, the model {num_classes}")
+        num_classes = k
+        class_names = class_names or list(classifier.hparams["run_config"].get("class_names", []))
+        guidance = {"classifier": classifier.net, "classifier_scale": cfg.classifier_scale}
+    labels = _sample_labels(cfg, num_classes, class_names, source)
+    num_samples = cfg.num_samples if labels is None else len(labels)
+    if class_names:
+        print(f"classes:     {dict(enumerate(class_names))}", flush=True)
     images = to_uint8(
-        module.generate(sampler, cfg.num_samples, cfg.seed, cfg.batch_size, use_ema=cfg.use_ema, progress=cfg.progress)
+        module.generate(
+            sampler, num_samples, cfg.seed, cfg.batch_size, labels=labels, progress=cfg.progress, use_ema=cfg.use_ema,
+            guidance_scale=cfg.guidance_scale, guidance_rescale=cfg.guidance_rescale, **guidance,
+        )
     )
     out_dir.mkdir(parents=True, exist_ok=True)
-    np.savez(out_dir / "samples.npz", arr_0=images)
-    grid = save_grid(images, out_dir / "grid.png", scale=cfg.grid_scale)
+    arrays = {"arr_0": images} if labels is None else {"arr_0": images, "arr_1": labels.numpy()}
+    np.savez(out_dir / "samples.npz", **arrays)
+    grid = save_grid(images, out_dir / "grid.png", scale=cfg.grid_scale, labels=None if labels is None else labels.numpy())
     print(f"samples:     {_show(out_dir / 'samples.npz')} {images.shape} {images.dtype}\ngrid:        {_show(grid)}", flush=True)
-    return {"samples": out_dir / "samples.npz", "grid": grid, "images": images}
+    return {"samples": out_dir / "samples.npz", "grid": grid, "images": images, "labels": labels}

@@ -7,6 +7,7 @@ from typing import Any
 
 import lightning as L
 
+from difflab.guidance import balanced_labels
 from difflab.images import save_grid, to_uint8
 from difflab.module import DiffusionModule
 from difflab.samplers import Sampler
@@ -15,17 +16,19 @@ from difflab.samplers import Sampler
 class SampleGrid(L.Callback):
     """Every ``every_n_steps`` optimizer steps and at the end, write ``<dirpath>/step_NNNNNN.png``.
 
-    Uses the same ``DiffusionModule.generate`` as sample.py. Only global rank 0 samples.
+    Uses the same ``DiffusionModule.generate`` as sample.py, with fixed noise; a class-conditional
+    model gets fixed labels, one class per row (at ``guidance_scale``). Only global rank 0 samples.
     """
 
     def __init__(
         self, dirpath: str, sampler: Sampler, every_n_steps: int = 500, num_samples: int = 64,
-        seed: int = 0, scale: int = 4,
+        seed: int = 0, scale: int = 4, guidance_scale: float = 1.0,
     ) -> None:
         if every_n_steps <= 0 or num_samples <= 0:
             raise ValueError(f"every_n_steps and num_samples must be positive, got {every_n_steps}, {num_samples}")
         self.dirpath, self.sampler = Path(dirpath), sampler
         self.every_n_steps, self.num_samples, self.seed, self.scale = every_n_steps, num_samples, seed, scale
+        self.guidance_scale = guidance_scale
         self.last_step = -1
 
     def write(self, trainer: L.Trainer, module: DiffusionModule) -> Path | None:
@@ -33,8 +36,14 @@ class SampleGrid(L.Callback):
         if step == self.last_step or not trainer.is_global_zero:
             return None
         self.last_step = step
-        images = to_uint8(module.generate(self.sampler, self.num_samples, self.seed))
-        path = save_grid(images, self.dirpath / f"step_{step:06d}.png", scale=self.scale)
+        labels, guidance = None, {}
+        if module.num_classes:
+            labels = balanced_labels(module.num_classes, self.num_samples)
+            if module.p_uncond > 0:
+                guidance = {"guidance_scale": self.guidance_scale}
+        images = to_uint8(module.generate(self.sampler, len(labels) if labels is not None else self.num_samples,
+                                          self.seed, labels=labels, **guidance))
+        path = save_grid(images, self.dirpath / f"step_{step:06d}.png", scale=self.scale, labels=labels)
         for logger in trainer.loggers:
             if hasattr(logger, "log_image"):
                 logger.log_image(key="samples", images=[str(path)], step=step)

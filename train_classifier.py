@@ -1,0 +1,16 @@
+"""Train a noise-aware classifier for classifier guidance: python train_classifier.py [key=value ...] (see README.md)."""
+
+import hydra
+from omegaconf import DictConfig
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="classifier")
+def main(cfg: DictConfig) -> float | None:
+    from difflab.tasks import train_classifier  # imported here so --help and config errors answer at once
+
+    metrics = train_classifier(cfg)
+    return metrics.get(cfg.optimized_metric) if cfg.get("optimized_metric") else None
+
+
+if __name__ == "__main__":
+    main()
