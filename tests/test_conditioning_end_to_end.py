@@ -112,3 +112,23 @@ def test_conditioning_needs_a_dataset_with_classes(tmp_path):
                             "dataset.resolution=8", "dataset.batch_size=2", "dataset.val_fraction=0", f"output_dir={tmp_path / 'o'}"])
     with pytest.raises(ConfigError, match="conditioning=class needs a dataset with classes"):
         train(cfg)
+
+
+def test_image_folder_classes_train_and_sample_by_name(tmp_path, capsys):
+    from difflab.tasks import sample, train
+
+    rng = np.random.default_rng(0)
+    for k, name in enumerate(["cats", "dogs"]):
+        (tmp_path / "data" / name).mkdir(parents=True)
+        for i in range(6):
+            Image.fromarray(rng.integers(0, 128 + 127 * k, (10, 12, 3), dtype=np.uint8)).save(tmp_path / "data" / name / f"{i}.png")
+    run = tmp_path / "run"
+    train(compose("train", [
+        *TINY_TRAIN, "trainer.max_steps=2", "conditioning=class", "dataset=image_folder", f"dataset.path={tmp_path / 'data'}",
+        "dataset.resolution=8", "dataset.batch_size=4", "dataset.val_fraction=0.2", "logger=none", f"output_dir={run}",
+    ]))
+    out = sample(compose("sample", [f"ckpt={run}", "labels=[dogs]", "num_samples=3", "sampler.num_steps=2",
+                                    "progress=false", f"output_dir={tmp_path / 's'}"]))
+    assert "classes:     {0: 'cats', 1: 'dogs'}" in capsys.readouterr().out
+    assert out["labels"].tolist() == [1, 1, 1] and out["images"].shape == (3, 8, 8, 3)
+    assert np.load(tmp_path / "s" / "samples.npz")["arr_1"].tolist() == [1, 1, 1]

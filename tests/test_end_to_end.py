@@ -20,7 +20,7 @@ def test_train_writes_the_run_layout(trained_run):
     grid = Image.open(trained_run / "samples" / "step_000006.png")
     assert grid.size == (4 * (2 * 8 + 3 * 2) // 1, 4 * (2 * 8 + 3 * 2))  # 2x2 images of 8 px, 2 px padding, x4
     metrics = (trained_run / "logs" / "metrics.csv").read_text()
-    assert "train/loss" in metrics and "val/loss_ema" in metrics
+    assert all(k in metrics for k in ("train/loss", "train/lr", "train/ema_decay", "val/loss_ema"))
     ckpt = torch.load(trained_run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert ckpt["global_step"] == 6
     assert ckpt["hyper_parameters"]["run_config"]["model"]["net"]["unet"]["sample_size"] == 8
@@ -139,3 +139,20 @@ def test_help_lists_the_config_groups():
     for group in ("dataset", "model", "schedule", "sampler", "trainer", "logger", "callbacks"):
         assert f"{group}:" in proc.stdout
     assert "image_folder" in proc.stdout and "cosine" in proc.stdout and "ddpm" in proc.stdout
+
+
+def test_gpu_trainer_config_composes():
+    cfg = compose("train", ["trainer=gpu", "output_dir=/unused"])
+    assert cfg.trainer.accelerator == "gpu" and cfg.trainer.precision == "bf16-mixed"
+    assert cfg.trainer.max_steps == compose("train", ["output_dir=/unused"]).trainer.max_steps
+
+
+def test_multirun_sweep_gives_one_dir_per_job(tmp_path):
+    run_script("train.py", "-m", *TINY_TRAIN, "trainer.max_steps=2", "schedule=linear,cosine", f"hydra.sweep.dir={tmp_path}")
+    for job in ("0", "1"):
+        ckpt = torch.load(tmp_path / job / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+        assert ckpt["global_step"] == 2
+    schedules = [torch.load(tmp_path / j / "checkpoints" / "last.ckpt", weights_only=True)["hyper_parameters"]
+                 ["run_config"]["schedule"]["_target_"] for j in ("0", "1")]
+    assert schedules == ["difflab.schedule.NoiseSchedule.linear", "difflab.schedule.NoiseSchedule.cosine"]
+    assert not (tmp_path / "latest").exists()  # the latest link is for single runs only

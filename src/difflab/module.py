@@ -83,6 +83,8 @@ class DiffusionModule(L.LightningModule):
         super().optimizer_step(*args, **kwargs)
         self.ema.update(self.net)
         self.log("train/ema_decay", self.ema.current_decay())
+        # logged here rather than by LearningRateMonitor, which refuses to run without a logger
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         # The same t and noise for every validation pass, so the curve shows the model, not the draw.

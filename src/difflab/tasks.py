@@ -22,19 +22,12 @@ from difflab.errors import ConfigError
 from difflab.guidance import balanced_labels
 from difflab.images import save_grid, to_uint8
 from difflab.module import DiffusionModule
-from difflab.schedule import NoiseSchedule
 
 log = logging.getLogger(__name__)
 
 
-def _schedule(cfg: DictConfig) -> NoiseSchedule:
-    try:
-        return instantiate(cfg.schedule)
-    except Exception as err:  # Hydra wraps the schedule's ValueError; name the config group
-        raise ConfigError(f"schedule config {OmegaConf.to_container(cfg.schedule)} is invalid: {_root_cause(err)}") from err
-
-
 def _instantiate(node: DictConfig, what: str, **kwargs: Any) -> Any:
+    """instantiate(node), turning the error Hydra wraps around a bad value into a ConfigError naming ``what``."""
     try:
         return instantiate(node, **kwargs)
     except Exception as err:
@@ -51,14 +44,14 @@ def build_module(cfg: DictConfig) -> DiffusionModule:
             raise ConfigError("conditioning=class needs conditioning.num_classes (taken from a dataset with classes)")
         n = int(cond.num_classes)
         extra = {"num_classes": n, "p_uncond": cond.p_uncond, "net": {"unet": {"num_class_embeds": n + 1}}}
-    module = _instantiate(cfg.model, "model", schedule=_schedule(cfg), **extra)
+    module = _instantiate(cfg.model, "model", schedule=_instantiate(cfg.schedule, "schedule"), **extra)
     module.save_hyperparameters({"run_config": OmegaConf.to_container(cfg, resolve=True)})
     return module
 
 
 def build_classifier(cfg: DictConfig) -> ClassifierModule:
     """The ClassifierModule of a classifier run config (``cfg.classifier`` with ``cfg.schedule``)."""
-    module = _instantiate(cfg.classifier, "classifier", schedule=_schedule(cfg))
+    module = _instantiate(cfg.classifier, "classifier", schedule=_instantiate(cfg.schedule, "schedule"))
     module.save_hyperparameters({"run_config": OmegaConf.to_container(cfg, resolve=True)})
     return module
 
