@@ -1,10 +1,13 @@
 """Sampling speed: difflab's DDPM-1000 and DDIM-50 vs the same loop written over diffusers' schedulers.
 
-    python bench/sampling.py [--batch 32] [--rounds 3] [--model small] [--resolution 16]
+    python bench/sampling.py [--batch 32] [--rounds 2] [--model small] [--resolution 16]
 
 Same UNet (random weights: speed does not depend on them), same batch. Rounds alternate between
-the two implementations; seconds per image is the median round's wall time / batch (a 3-second
-DDIM round is easily hit by background load on these shared machines, so DDIM gets 5x the rounds).
+the two implementations (DDIM-50 gets 5x the rounds). Each UNet call is time-stamped, so a step's
+time is the gap between consecutive calls (network, sampler arithmetic and noise draws together),
+and seconds per image is the median step time x steps / batch: a median over thousands of steps
+is not moved by the bursts of background load that shift whole-run times by 10% on these
+shared machines.
 """
 
 from __future__ import annotations
@@ -17,8 +20,23 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 
 from bench.common import compose
+from difflab.noise import PerSampleNoise
 from difflab.samplers import DDIM, DDPM
 from difflab.tasks import build_module
+
+
+class Stamped:
+    """Calls ``fn`` and records the time of every call."""
+
+    def __init__(self, fn) -> None:
+        self.fn, self.stamps = fn, []
+
+    def __call__(self, *args, **kwargs):
+        self.stamps.append(time.perf_counter())
+        return self.fn(*args, **kwargs)
+
+    def steps(self) -> list[float]:
+        return [b - a for a, b in zip(self.stamps, self.stamps[1:])]
 
 
 @torch.no_grad()
@@ -34,13 +52,13 @@ def diffusers_loop(unet, scheduler, num_steps: int, shape, seed: int) -> torch.T
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--rounds", type=int, default=3, help="rounds of DDPM-1000; DDIM-50 gets 5x as many")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds of DDPM-1000; DDIM-50 gets 5x as many")
     parser.add_argument("--model", default="small")
     parser.add_argument("--resolution", type=int, default=16)
     args = parser.parse_args()
     module = build_module(compose("train", [f"model={args.model}", f"dataset.resolution={args.resolution}", "output_dir=/unused"]))
     module.eval()
-    unet = module.ema.module.unet
+    net = module.ema.module
     shape = (args.batch, *module.net.sample_shape)
     common = {"num_train_timesteps": 1000, "beta_schedule": "linear", "beta_start": 1e-4, "beta_end": 0.02, "clip_sample": False}
     cases = {
@@ -51,15 +69,16 @@ def main() -> None:
     for name, (ours, theirs, steps, rounds) in cases.items():
         t_ours, t_theirs = [], []
         for r in range(rounds):
-            start = time.perf_counter()
-            module.generate(ours, args.batch, seed=r, batch_size=args.batch)
-            t_ours.append((time.perf_counter() - start) / args.batch)
-            start = time.perf_counter()
-            diffusers_loop(unet, theirs, steps, shape, seed=r)
-            t_theirs.append((time.perf_counter() - start) / args.batch)
+            stamped = Stamped(net)
+            ours(stamped, module.schedule.alphas_cumprod, PerSampleNoise.for_indices(r, range(args.batch)), shape[1:])
+            t_ours += stamped.steps()
+            stamped = Stamped(net.unet)
+            diffusers_loop(stamped, theirs, steps, shape, seed=r)
+            t_theirs += stamped.steps()
+        ours_s, theirs_s = median(t_ours) * steps / args.batch, median(t_theirs) * steps / args.batch
         print(
-            f"{name}: difflab {median(t_ours):.4f} s/image, diffusers loop {median(t_theirs):.4f} s/image, "
-            f"speed ratio {median(t_theirs) / median(t_ours):.3f}",
+            f"{name}: difflab {ours_s:.4f} s/image, diffusers loop {theirs_s:.4f} s/image, "
+            f"speed ratio {theirs_s / ours_s:.3f} (median of {len(t_ours)} steps each)",
             flush=True,
         )
 

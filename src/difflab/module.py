@@ -102,6 +102,15 @@ class DiffusionModule(L.LightningModule):
         warmup = LinearLR(optimizer, start_factor=1.0 / self.warmup_steps, total_iters=self.warmup_steps)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": warmup, "interval": "step"}}
 
+    def check_guidance_scale(self, guidance_scale: float) -> None:
+        """Refuse classifier-free guidance (w != 1) on a model that never learned the unconditional eps."""
+        if guidance_scale != 1.0 and (not self.num_classes or self.p_uncond <= 0):
+            raise ValueError(
+                f"guidance_scale={guidance_scale} needs a model trained with label dropout "
+                f"(conditioning=class, p_uncond > 0); this one has num_classes={self.num_classes}, "
+                f"p_uncond={self.p_uncond}: use guidance_scale=1"
+            )
+
     def guided_denoiser(
         self,
         use_ema: bool = True,
@@ -112,13 +121,8 @@ class DiffusionModule(L.LightningModule):
     ) -> Callable[[Tensor, Tensor, Tensor | None], Tensor]:
         """eps = f(x_t, t, y): the (EMA) network, wrapped in classifier-free and/or classifier guidance."""
         denoiser: Callable[[Tensor, Tensor, Tensor | None], Tensor] = self.ema.module if use_ema else self.net
+        self.check_guidance_scale(guidance_scale)
         if guidance_scale != 1.0:
-            if not self.num_classes or self.p_uncond <= 0:
-                raise ValueError(
-                    f"guidance_scale={guidance_scale} needs a model trained with label dropout "
-                    f"(conditioning=class, p_uncond > 0); this one has num_classes={self.num_classes}, "
-                    f"p_uncond={self.p_uncond}: use guidance_scale=1"
-                )
             denoiser = ClassifierFreeGuidance(denoiser, guidance_scale, self.null_label, guidance_rescale)
         if classifier is not None:
             denoiser = ClassifierGuidance(denoiser, classifier, classifier_scale, self.schedule.alphas_cumprod)

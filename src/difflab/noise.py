@@ -31,9 +31,6 @@ class PerSampleNoise:
         """Generators for samples ``indices`` of a run seeded with ``seed``."""
         return cls([sample_seed(seed, i) for i in indices], device)
 
-    def __len__(self) -> int:
-        return len(self.generators)
-
     def randn(self, shape: Sequence[int], dtype: torch.dtype = torch.float32) -> Tensor:
         """z ~ N(0, I) of shape (N, *shape), row i from generator i."""
         z = torch.stack([torch.randn(tuple(shape), generator=g, dtype=dtype) for g in self.generators])

@@ -247,12 +247,10 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
     sampler = _instantiate(cfg.sampler, "sampler")
     device = _device(cfg.device)
     module = load_checkpoint(cfg.ckpt).to(device)
-    if cfg.guidance_scale != 1.0 and (not module.num_classes or module.p_uncond <= 0):
-        raise ConfigError(
-            f"guidance_scale={cfg.guidance_scale} needs a model trained with label dropout (conditioning=class, "
-            f"p_uncond > 0); {cfg.ckpt} has num_classes={module.num_classes}, p_uncond={module.p_uncond}: "
-            "use guidance_scale=1"
-        )
+    try:
+        module.check_guidance_scale(cfg.guidance_scale)
+    except ValueError as err:
+        raise ConfigError(f"{cfg.ckpt}: {err}") from err
     class_names = list(module.hparams["run_config"].get("conditioning", {}).get("class_names", []))
     num_classes, source, guidance = module.num_classes, f"the model {cfg.ckpt}", {}
     if cfg.classifier is not None:
