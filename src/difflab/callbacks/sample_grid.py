@@ -36,13 +36,11 @@ class SampleGrid(L.Callback):
         if step == self.last_step or not trainer.is_global_zero:
             return None
         self.last_step = step
-        labels, guidance = None, {}
-        if module.num_classes:
-            labels = balanced_labels(module.num_classes, self.num_samples)
-            if module.p_uncond > 0:
-                guidance = {"guidance_scale": self.guidance_scale}
-        images = to_uint8(module.generate(self.sampler, len(labels) if labels is not None else self.num_samples,
-                                          self.seed, labels=labels, **guidance))
+        labels = balanced_labels(module.num_classes, self.num_samples) if module.num_classes else None
+        # a model trained without label dropout has no unconditional eps to guide with
+        guidance_scale = self.guidance_scale if module.num_classes and module.p_uncond > 0 else 1.0
+        num_samples = self.num_samples if labels is None else len(labels)
+        images = to_uint8(module.generate(self.sampler, num_samples, self.seed, labels=labels, guidance_scale=guidance_scale))
         path = save_grid(images, self.dirpath / f"step_{step:06d}.png", scale=self.scale, labels=labels)
         for logger in trainer.loggers:
             if hasattr(logger, "log_image"):
