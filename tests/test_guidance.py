@@ -82,6 +82,31 @@ def test_classifier_guidance_shift_is_the_scaled_gradient():
     assert torch.allclose(eps, -2.0 * sigma * grad, atol=1e-6)
 
 
+@pytest.mark.parametrize("variance", ["beta_tilde", "beta"])
+def test_classifier_guidance_moves_the_ddpm_mean_by_s_sigma_grad(variance):
+    """Dhariwal & Nichol, Algorithm 1: mu -> mu + s Sigma grad log p(y | x_t), on a respaced grid."""
+    from difflab.samplers import ddpm_step
+
+    torch.manual_seed(1)
+    clf, sched = LinearClassifier(4, 3), NoiseSchedule.cosine()
+    sampler = DDPM(num_steps=10, variance=variance)
+    pairs = sampler.pairs(1000)
+    eps_net = lambda x, t, y: 0.3 * x  # noqa: E731
+    guided = ClassifierGuidance(eps_net, clf, 2.0, sched.alphas_cumprod, pairs, variance)
+    abar = sched.alphas_cumprod
+    for t_val, t_prev in pairs[:-1]:
+        x, y = torch.randn(5, 1, 2, 2, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1])
+        t = torch.full((5,), t_val)
+        with torch.no_grad():
+            p = torch.softmax(clf.double()(x, t), -1)
+            grad = (clf.w.weight[y] - p @ clf.w.weight).view(5, 1, 2, 2)
+        mean = ddpm_step(x, eps_net(x, t, y), abar[t_val], abar[t_prev], None)
+        shifted = ddpm_step(x, guided(x, t, y), abar[t_val], abar[t_prev], None)
+        beta = 1 - abar[t_val] / abar[t_prev]
+        sigma2 = beta if variance == "beta" else (1 - abar[t_prev]) / (1 - abar[t_val]) * beta
+        assert torch.allclose(shifted - mean, 2.0 * sigma2 * grad, rtol=1e-9, atol=1e-12), t_val
+
+
 def test_classifier_guidance_with_scale_zero_is_unguided_bit_for_bit(conditional_module):
     clf = LinearClassifier(64, 10)
     labels = balanced_labels(10, 10)

@@ -2,12 +2,13 @@
 
 Classifier-free guidance (Ho & Salimans 2022): eps = eps_u + w (eps_c - eps_u), so w = 1 is the
 plain conditional model and w = 0 the unconditional one. Classifier guidance (Dhariwal & Nichol
-2021): eps = eps_theta - s sqrt(1 - abar_t) grad_x log p_phi(y | x_t, t).
+2021): the DDPM mean moves by s Sigma grad_x log p_phi(y | x_t, t); for other samplers
+eps = eps_theta - s sqrt(1 - abar_t) grad_x log p_phi(y | x_t, t).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -60,18 +61,31 @@ class ClassifierFreeGuidance:
 
 
 class ClassifierGuidance:
-    """eps = eps_theta(x_t, t, y) - s sqrt(1 - abar_t) grad_x log p(y | x_t, t) (Dhariwal & Nichol 2021, eq. 14).
+    """Classifier guidance (Dhariwal & Nichol 2021) with g = grad_x log p_phi(y | x_t, t).
 
-    In this eps form it serves DDIM (their Algorithm 2) and DDPM alike: the DDPM mean moves by
-    s (beta_t / sqrt(alpha_t)) grad log p, Algorithm 1's s Sigma grad log p with Sigma = beta_t up
-    to the factor 1 / sqrt(alpha_t) (at most 1.01 for the linear schedule). s = 0 returns the
-    denoiser's eps untouched.
+    For DDIM and any other eps-sampler (their Algorithm 2): eps = eps_theta - s sqrt(1 - abar_t) g.
+    For DDPM (``ddpm_pairs`` given, with the sampler's ``variance``), their Algorithm 1: the reverse
+    mean moves by s Sigma g, Sigma the step's variance (beta or beta~ of the respaced step t -> t'),
+    done by moving eps by -s Sigma g sqrt(alpha) sqrt(1 - abar_t) / beta (eq. 11 solved for eps).
+    s = 0 returns the denoiser's eps untouched.
     """
 
     def __init__(
-        self, denoiser: Denoiser, classifier: Callable[[Tensor, Tensor], Tensor], scale: float, alphas_cumprod: Tensor
+        self,
+        denoiser: Denoiser,
+        classifier: Callable[[Tensor, Tensor], Tensor],
+        scale: float,
+        alphas_cumprod: Tensor,
+        ddpm_pairs: Sequence[tuple[int, int]] | None = None,
+        variance: str = "beta_tilde",
     ) -> None:
         self.denoiser, self.classifier, self.scale, self.alphas_cumprod = denoiser, classifier, scale, alphas_cumprod
+        self.variance = variance
+        self.prev = None  # t -> t' of the DDPM grid
+        if ddpm_pairs is not None:
+            self.prev = torch.full((len(alphas_cumprod),), -1, dtype=torch.long, device=alphas_cumprod.device)
+            for t, t_prev in ddpm_pairs:
+                self.prev[t] = t_prev
 
     def __call__(self, x_t: Tensor, t: Tensor, y: Tensor | None) -> Tensor:
         eps = self.denoiser(x_t, t, y)
@@ -83,5 +97,14 @@ class ClassifierGuidance:
             x = x_t.detach().requires_grad_(True)
             log_p = torch.log_softmax(self.classifier(x, t), dim=-1)
             grad = torch.autograd.grad(log_p.gather(1, y[:, None]).sum(), x)[0]
-        sigma = (1 - self.alphas_cumprod[t]).sqrt().to(eps.dtype).view(-1, *([1] * (eps.ndim - 1)))
-        return eps - self.scale * sigma * grad
+        abar_t = self.alphas_cumprod[t]
+        if self.prev is None:
+            coef = (1 - abar_t).sqrt()
+        else:
+            t_prev = self.prev[t]
+            abar_prev = torch.where(t_prev >= 0, self.alphas_cumprod[t_prev.clamp(min=0)], torch.ones_like(abar_t))
+            alpha = abar_t / abar_prev
+            beta = 1 - alpha
+            sigma2 = beta if self.variance == "beta" else (1 - abar_prev) / (1 - abar_t) * beta
+            coef = sigma2 * alpha.sqrt() * (1 - abar_t).sqrt() / beta
+        return eps - self.scale * coef.to(eps.dtype).view(-1, *([1] * (eps.ndim - 1))) * grad

@@ -15,7 +15,7 @@ from difflab.ema import EMA
 from difflab.guidance import ClassifierFreeGuidance, ClassifierGuidance, drop_labels
 from difflab.losses import simple_loss
 from difflab.noise import PerSampleNoise
-from difflab.samplers import Sampler
+from difflab.samplers import DDPM, Sampler
 from difflab.schedule import NoiseSchedule
 
 
@@ -118,14 +118,20 @@ class DiffusionModule(L.LightningModule):
         guidance_rescale: float = 0.0,
         classifier: Callable[[Tensor, Tensor], Tensor] | None = None,
         classifier_scale: float = 0.0,
+        sampler: Sampler | None = None,
     ) -> Callable[[Tensor, Tensor, Tensor | None], Tensor]:
-        """eps = f(x_t, t, y): the (EMA) network, wrapped in classifier-free and/or classifier guidance."""
+        """eps = f(x_t, t, y): the (EMA) network, wrapped in classifier-free and/or classifier guidance.
+
+        Classifier guidance takes the mean-shift form for a DDPM ``sampler``, the eps form otherwise.
+        """
         denoiser: Callable[[Tensor, Tensor, Tensor | None], Tensor] = self.ema.module if use_ema else self.net
         self.check_guidance_scale(guidance_scale)
         if guidance_scale != 1.0:
             denoiser = ClassifierFreeGuidance(denoiser, guidance_scale, self.null_label, guidance_rescale)
         if classifier is not None:
-            denoiser = ClassifierGuidance(denoiser, classifier, classifier_scale, self.schedule.alphas_cumprod)
+            abar = self.schedule.alphas_cumprod
+            ddpm = {"ddpm_pairs": sampler.pairs(len(abar)), "variance": sampler.variance} if isinstance(sampler, DDPM) else {}
+            denoiser = ClassifierGuidance(denoiser, classifier, classifier_scale, abar, **ddpm)
         return denoiser
 
     @torch.no_grad()
@@ -149,7 +155,7 @@ class DiffusionModule(L.LightningModule):
             raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
         if labels is not None and len(labels) != num_samples:
             raise ValueError(f"got {len(labels)} labels for {num_samples} samples")
-        denoiser = self.guided_denoiser(**guidance)
+        denoiser = self.guided_denoiser(sampler=sampler, **guidance)
         nets = [self.ema.module, self.net]
         modes = [net.training for net in nets]
         for net in nets:
