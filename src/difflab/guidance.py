@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from difflab.samplers import Denoiser
+from difflab.samplers.ddpm import ddpm_variance
 
 
 def balanced_labels(num_classes: int, num_samples: int) -> Tensor:
@@ -104,7 +105,5 @@ class ClassifierGuidance:
             t_prev = self.prev[t]
             abar_prev = torch.where(t_prev >= 0, self.alphas_cumprod[t_prev.clamp(min=0)], torch.ones_like(abar_t))
             alpha = abar_t / abar_prev
-            beta = 1 - alpha
-            sigma2 = beta if self.variance == "beta" else (1 - abar_prev) / (1 - abar_t) * beta
-            coef = sigma2 * alpha.sqrt() * (1 - abar_t).sqrt() / beta
+            coef = ddpm_variance(abar_t, abar_prev, self.variance) * alpha.sqrt() * (1 - abar_t).sqrt() / (1 - alpha)
         return eps - self.scale * coef.to(eps.dtype).view(-1, *([1] * (eps.ndim - 1))) * grad

@@ -8,7 +8,7 @@ from typing import Literal, get_args
 from torch import Tensor
 
 from difflab.samplers.base import Sampler
-from difflab.schedule import eps_mean
+from difflab.schedule import eps_mean, posterior_coefficients
 
 Variance = Literal["beta_tilde", "beta"]
 
@@ -21,11 +21,12 @@ def ddpm_step(
     beta = 1 - abar_t / abar_{t'} is the respaced beta. ``z`` is None on the last step (no noise).
     """
     mean = eps_mean(x_t, eps, abar_t, abar_prev)
-    if z is None:
-        return mean
-    beta = 1 - abar_t / abar_prev
-    var = beta if variance == "beta" else (1 - abar_prev) / (1 - abar_t) * beta
-    return mean + var.sqrt() * z
+    return mean if z is None else mean + ddpm_variance(abar_t, abar_prev, variance).sqrt() * z
+
+
+def ddpm_variance(abar_t: Tensor, abar_prev: Tensor, variance: Variance = "beta_tilde") -> Tensor:
+    """sigma^2 of the step t -> t': beta = 1 - abar_t / abar_{t'}, or beta~ (eq. 7) of that step."""
+    return 1 - abar_t / abar_prev if variance == "beta" else posterior_coefficients(abar_t, abar_prev)[2]
 
 
 @dataclass
