@@ -43,13 +43,13 @@ def run_script(script: str, *overrides: str, cwd: Path = ROOT, check: bool = Tru
     return proc
 
 
-def compose(config_name: str, overrides: list[str]):
+def compose(config_name: str, overrides: list[str], return_hydra_config: bool = False):
     """The config ``config_name`` composes to, as Hydra would for the entry point."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return hydra_compose(config_name=config_name, overrides=overrides)
+        return hydra_compose(config_name=config_name, overrides=overrides, return_hydra_config=return_hydra_config)
 
 
 @pytest.fixture(scope="session")

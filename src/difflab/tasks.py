@@ -17,7 +17,9 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from difflab.callbacks import Preemption
 from difflab.classifier import ClassifierModule
+from difflab.distributed import RankConsistency, forward_signals_to_children, launch_settings
 from difflab.errors import ConfigError
 from difflab.guidance import balanced_labels
 from difflab.images import save_grid, to_uint8
@@ -103,16 +105,60 @@ def train_classifier(cfg: DictConfig) -> dict[str, float]:
 
 
 def _fit(cfg: DictConfig, module: L.LightningModule, datamodule: L.LightningDataModule) -> dict[str, float]:
-    if cfg.get("ckpt_path") is not None and not Path(cfg.ckpt_path).is_file():
-        raise ConfigError(f"ckpt_path={cfg.ckpt_path} does not exist: give a .ckpt file written by an earlier run")
+    ckpt_path = _resume_from(cfg)
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c]
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    launch = launch_settings(cfg.trainer.get("strategy"))
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **launch)
+    if hasattr(datamodule, "split_batch"):
+        per_device = datamodule.split_batch(trainer.world_size, trainer.accumulate_grad_batches)
+        if trainer.world_size > 1 or trainer.accumulate_grad_batches > 1:
+            log.info("global batch %d = %d processes x %d accumulated x %d per step", datamodule.batch_size,
+                     trainer.world_size, trainer.accumulate_grad_batches, per_device)
+    if trainer.world_size > 1 and isinstance(module, DiffusionModule):
+        trainer.callbacks.append(RankConsistency(cfg.output_dir))
+    preemption = next((c for c in callbacks if isinstance(c, Preemption)), None)
+    forward = preemption.signals if preemption and launch.get("strategy") == "ddp_spawn" else []
+    with forward_signals_to_children(forward):
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     if trainer.is_global_zero:
         _report_training(Path(cfg.output_dir), metrics, cfg.task_name)
     return metrics
+
+
+def _resume_from(cfg: DictConfig) -> str | None:
+    """The checkpoint a fit starts from: ``ckpt_path``, else (``resume=auto``) the run dir's own last.ckpt.
+
+    A run dir that already holds checkpoints is never trained over from scratch: it is resumed, or
+    (``resume=never``) refused. Resuming checks the checkpoint was written by the same experiment.
+    """
+    if cfg.get("ckpt_path") is not None:
+        if not Path(cfg.ckpt_path).is_file():
+            raise ConfigError(f"ckpt_path={cfg.ckpt_path} does not exist: give a .ckpt file written by an earlier run")
+        return str(cfg.ckpt_path)
+    resume = cfg.get("resume", "auto")
+    if resume not in ("auto", "never"):
+        raise ConfigError(f"resume={resume} is not an option: use auto (continue this run dir's last.ckpt) or never")
+    last = Path(cfg.output_dir) / "checkpoints" / "last.ckpt"
+    if not last.is_file():
+        return None
+    if resume == "never":
+        raise ConfigError(
+            f"{last.parent} already holds checkpoints and resume=never: pick another run_id, or resume=auto to continue it"
+        )
+    _, saved = _read_checkpoint(last, cfg.task_name)
+    changed = [
+        key for key in ("model", "schedule", "dataset", "conditioning", "classifier", "seed")
+        if OmegaConf.select(saved, key) != OmegaConf.select(OmegaConf.create(OmegaConf.to_container(cfg, resolve=True)), key)
+    ]
+    if changed:
+        raise ConfigError(
+            f"{last} was written by a run with other {', '.join(changed)} settings than this command: "
+            f"pick another run_id for a new experiment (nothing was changed in {last.parent.parent})"
+        )
+    print(f"resuming:    {_show(last)}", flush=True)
+    return str(last)
 
 
 def _show(path: Path) -> str:

@@ -1,5 +1,6 @@
 """Lightning callbacks."""
 
+from difflab.callbacks.preemption import Preemption
 from difflab.callbacks.sample_grid import SampleGrid
 
-__all__ = ["SampleGrid"]
+__all__ = ["Preemption", "SampleGrid"]

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from difflab.distributed import device_batch_size
 from difflab.errors import ConfigError
 
 
@@ -44,7 +45,10 @@ class TensorImages(Dataset):
 class InMemoryDataModule(L.LightningDataModule):
     """Loads (images, labels, class names) once, splits off a fixed validation set, serves tensor batches.
 
-    ``batch_size`` is per device (per process under DDP), as in Lightning.
+    ``batch_size`` is the global batch: images per optimizer step, summed over all processes and
+    accumulated micro-batches. :meth:`split_batch` divides it among them before a fit, so changing
+    the number of GPUs or the accumulation leaves the experiment (and every cadence counted in
+    optimizer steps) unchanged.
     """
 
     def __init__(
@@ -60,9 +64,15 @@ class InMemoryDataModule(L.LightningDataModule):
             raise ConfigError(f"dataset.channels must be 1 (grayscale) or 3 (RGB), got {channels}")
         self.resolution, self.channels = resolution, channels
         self.batch_size, self.val_fraction, self.hflip, self.split_seed = batch_size, val_fraction, hflip, split_seed
+        self.device_batch_size = batch_size
         self.train_set: TensorImages | None = None
         self.val_set: TensorImages | None = None
         self.class_names: list[str] = []
+
+    def split_batch(self, world_size: int, accumulate_grad_batches: int = 1) -> int:
+        """Set and return the per-process micro-batch: batch_size / (world_size * accumulate_grad_batches)."""
+        self.device_batch_size = device_batch_size(self.batch_size, world_size, accumulate_grad_batches)
+        return self.device_batch_size
 
     def load(self) -> tuple[Tensor, Tensor, list[str]]:
         """All images (N, channels, resolution, resolution) in [-1, 1], labels (N,) long, class names."""
@@ -87,8 +97,8 @@ class InMemoryDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(
-            self.train_set, batch_size=self.batch_size, shuffle=True, drop_last=True, collate_fn=_batch_as_is
+            self.train_set, batch_size=self.device_batch_size, shuffle=True, drop_last=True, collate_fn=_batch_as_is
         )
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_set, batch_size=self.batch_size, collate_fn=_batch_as_is)
+        return DataLoader(self.val_set, batch_size=self.device_batch_size, collate_fn=_batch_as_is)

@@ -1,0 +1,62 @@
+"""Weights & Biases logging whose run follows the run dir: a resumed or requeued run continues the same W&B run."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities import rank_zero_only
+
+RUN_ID_FILE = "wandb_run_id"
+
+
+class RunDirWandbLogger(WandbLogger):
+    """Lightning's WandbLogger that finishes its run with the fit, also a failed one.
+
+    Without this a Hydra sweep running its jobs in one process logs job 2 into job 1's still-open run.
+    """
+
+    @rank_zero_only
+    def finalize(self, status: str) -> None:
+        super().finalize(status)
+        if self._experiment is not None:
+            self._experiment.finish(exit_code=0 if status == "success" else 1)
+
+
+def wandb_logger(
+    save_dir: str | os.PathLike,
+    project: str = "difflab",
+    entity: str | None = None,
+    group: str | None = None,
+    name: str | None = None,
+    tags: list[str] | None = None,
+    log_model: bool | str = False,
+    **kwargs: Any,
+) -> RunDirWandbLogger:
+    """A W&B logger writing under ``save_dir`` (the run dir), with the run id kept in ``<save_dir>/wandb_run_id``.
+
+    ``name`` defaults to the run dir's name (``<sweep>/<job>`` in a sweep, whose jobs share ``group``
+    = the sweep's name unless given). ``log_model``: upload checkpoints (True: at the end, "all": each).
+    """
+    from wandb.sdk.lib.runid import generate_id
+
+    run_dir = Path(save_dir)
+    id_file = run_dir / RUN_ID_FILE
+    if id_file.is_file():
+        run_id = id_file.read_text().strip()
+    else:
+        run_id = generate_id()
+        if rank_zero_only.rank == 0:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            id_file.write_text(run_id + "\n")
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        sweep = Path(HydraConfig.get().sweep.dir).name
+        name, group = name or f"{sweep}/{run_dir.name}", group or sweep
+    return RunDirWandbLogger(
+        save_dir=str(run_dir), id=run_id, resume="allow", project=project, entity=entity, group=group,
+        name=name or run_dir.name, tags=list(tags or []), log_model=log_model, **kwargs,
+    )
