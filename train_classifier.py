@@ -6,10 +6,9 @@ from omegaconf import DictConfig
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="classifier")
 def main(cfg: DictConfig) -> float | None:
-    from difflab.tasks import train_classifier  # imported here so --help and config errors answer at once
+    from difflab.tasks import run_job, train_classifier  # imported here so --help and config errors answer at once
 
-    metrics = train_classifier(cfg)
-    return metrics.get(cfg.optimized_metric) if cfg.get("optimized_metric") else None
+    return run_job(train_classifier, cfg)
 
 
 if __name__ == "__main__":

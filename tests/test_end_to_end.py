@@ -148,10 +148,13 @@ def test_gpu_trainer_config_composes():
 
 
 def test_multirun_sweep_gives_one_dir_per_job(tmp_path):
-    run_script("train.py", "-m", *TINY_TRAIN, "trainer.max_steps=2", "schedule=linear,cosine", f"hydra.sweep.dir={tmp_path}")
+    proc = run_script("train.py", "-m", *TINY_TRAIN, "trainer.max_steps=3", "schedule=linear,cosine",
+                      f"hydra.sweep.dir={tmp_path}")
+    reported = [float(line.split()[-1]) for line in proc.stdout.splitlines() if line.startswith("val/loss_ema:")]
+    assert len(reported) == 2 and all(0 < v < 2 for v in reported)  # each job reports its optimized_metric
     for job in ("0", "1"):
         ckpt = torch.load(tmp_path / job / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
-        assert ckpt["global_step"] == 2
+        assert ckpt["global_step"] == 3
     schedules = [torch.load(tmp_path / j / "checkpoints" / "last.ckpt", weights_only=True)["hyper_parameters"]
                  ["run_config"]["schedule"]["_target_"] for j in ("0", "1")]
     assert schedules == ["difflab.schedule.NoiseSchedule.linear", "difflab.schedule.NoiseSchedule.cosine"]

@@ -158,6 +158,7 @@ def test_a_failing_job_does_not_take_down_the_sweep(tmp_path):
                       f"hydra.sweep.dir={sweep}", cwd=tmp_path, check=False)
     assert proc.returncode != 0 and "beta" in proc.stderr
     assert not (sweep / "0" / "checkpoints").exists()
+    assert "job failed: ConfigError" in (sweep / "0" / "train.log").read_text()  # recorded in the job's dir
     assert (sweep / "1" / "checkpoints" / "last.ckpt").is_file()
 
 

@@ -7,6 +7,7 @@ import os
 import pickle
 import zipfile
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import lightning as L
@@ -92,6 +93,26 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if data_shape != module.net.sample_shape:
         raise ConfigError(f"the dataset's images are {data_shape} but the model expects {module.net.sample_shape}")
     return _fit(cfg, module, datamodule)
+
+
+def run_job(fit: Callable[[DictConfig], dict[str, float]], cfg: DictConfig) -> float | None:
+    """An entry point's job: ``fit(cfg)``, returning ``cfg.optimized_metric`` to a sweeper.
+
+    A failure is written to the job's log (``<run dir>/<task>.log``) before it propagates, so a
+    failed job of a sweep is recorded in its own dir while Hydra goes on with the others.
+    """
+    try:
+        metrics = fit(cfg)
+    except Exception as err:
+        log.error("job failed: %s: %s", type(err).__name__, err)
+        raise
+    name = cfg.get("optimized_metric")
+    if name and name not in metrics:
+        log.warning(
+            "optimized_metric=%s was not logged (logged: %s); validation runs every trainer.val_check_interval=%s steps",
+            name, sorted(metrics), cfg.trainer.get("val_check_interval"),
+        )
+    return metrics.get(name) if name else None
 
 
 def train_classifier(cfg: DictConfig) -> dict[str, float]:
