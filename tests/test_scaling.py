@@ -212,3 +212,7 @@ def test_existing_run_dir_is_resumed_or_refused(trained_run, tmp_path):
     proc = run_script("train.py", *TINY_TRAIN, "schedule=cosine", f"hydra.run.dir={run_dir}", check=False)
     assert proc.returncode != 0 and "other schedule settings" in proc.stderr
     assert {p: p.read_bytes() for p in (run_dir / "checkpoints").iterdir()} == before
+    # a speed knob is not another experiment: this resumes
+    proc = run_script("train.py", *TINY_TRAIN, "model.channels_last=true", "trainer.max_steps=9", f"hydra.run.dir={run_dir}")
+    assert "resuming:" in proc.stdout
+    assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 9

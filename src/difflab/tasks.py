@@ -28,6 +28,9 @@ from difflab.module import DiffusionModule
 
 log = logging.getLogger(__name__)
 
+SPEED_KNOBS = ("model.compile", "model.channels_last")
+"""Settings that change how fast a run trains, not what it learns: a resumed run may change them."""
+
 
 def _instantiate(node: DictConfig, what: str, **kwargs: Any) -> Any:
     """instantiate(node), turning the error Hydra wraps around a bad value into a ConfigError naming ``what``."""
@@ -169,10 +172,14 @@ def _resume_from(cfg: DictConfig) -> str | None:
             f"{last.parent} already holds checkpoints and resume=never: pick another run_id, or resume=auto to continue it"
         )
     _, saved = _read_checkpoint(last, cfg.task_name)
-    changed = [
-        key for key in ("model", "schedule", "dataset", "conditioning", "classifier", "seed")
-        if OmegaConf.select(saved, key) != OmegaConf.select(OmegaConf.create(OmegaConf.to_container(cfg, resolve=True)), key)
-    ]
+    now = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    for run in (saved, now):  # speed knobs may change between the legs of a run
+        for knob in SPEED_KNOBS:
+            parent, _, key = knob.rpartition(".")
+            if OmegaConf.select(run, parent) is not None:
+                OmegaConf.select(run, parent).pop(key, None)
+    keys = ("model", "schedule", "dataset", "conditioning", "classifier", "seed")
+    changed = [key for key in keys if OmegaConf.select(saved, key) != OmegaConf.select(now, key)]
     if changed:
         raise ConfigError(
             f"{last} was written by a run with other {', '.join(changed)} settings than this command: "

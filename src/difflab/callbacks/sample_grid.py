@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -52,7 +53,7 @@ class SampleGrid(L.Callback):
                 logger.log_image(key="samples", images=[str(path)], step=step)
         return path
 
-    def _draw(self, trainer: L.Trainer, module: DiffusionModule, num_samples: int, labels: Tensor | None) -> Tensor:
+    def _draw(self, trainer: L.Trainer, module: DiffusionModule, num_samples: int, labels: Tensor | None) -> np.ndarray:
         """All ``num_samples`` images (N, H, W, C) uint8 on rank 0; each rank draws a contiguous share."""
         # a model trained without label dropout has no unconditional eps to guide with
         guidance_scale = self.guidance_scale if module.num_classes and module.p_uncond > 0 else 1.0
