@@ -113,27 +113,6 @@ def _wandb_summary(run_dir: Path) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_wandb_offline_logs_and_resume_continues_the_run(tmp_path):
-    args = [*TINY_TRAIN, "logger=wandb", "logger.wandb.tags=[ci]", "run_id=wb"]
-    run_script("train.py", *args, "trainer.max_steps=3", cwd=tmp_path)
-    run_dir = tmp_path / "outputs" / "train" / "wb"
-    run_id = (run_dir / "wandb_run_id").read_text().strip()
-    (first,) = _wandb_summary(run_dir)
-    assert first["run_id"] == run_id and first["state"] == "finished" and first["tags"] == ["ci"]
-    for key in ("train/loss", "train/lr", "train/ema_decay", "train/images_per_sec", "val/loss", "val/loss_ema"):
-        assert np.isfinite(first["summary"][key]), key
-    assert first["summary"]["samples"]["_type"] == "images/separated"
-    image = run_dir / "wandb" / Path(first["file"]).parent.name / "files" / first["summary"]["samples"]["filenames"][0]
-    assert Image.open(image).size == (first["summary"]["samples"]["width"], first["summary"]["samples"]["height"])
-    assert first["config"]["run_config"]["model"]["lr"] == pytest.approx(1e-3)
-    # the same command with more steps resumes the run dir, and with it the W&B run
-    run_script("train.py", *args, "trainer.max_steps=6", cwd=tmp_path)
-    runs = _wandb_summary(run_dir)
-    assert len(runs) == 2 and {r["run_id"] for r in runs} == {run_id}
-    assert runs[1]["summary"]["trainer/global_step"] == 5  # logged steps continue from 3
-
-
-@pytest.mark.slow
 def test_optuna_sweep_reports_its_metric(tmp_path):
     db = tmp_path / "study.db"
     args = ["hparams_search=optuna", "hydra.sweeper.n_trials=3", f"hydra.sweeper.storage=sqlite:///{db}",
@@ -180,26 +159,59 @@ def test_slurm_launcher_config_gives_one_task_per_gpu():
     assert cfg.trainer.strategy == "ddp" and cfg.callbacks.preemption.requeue_signals == ["SIGUSR2"]
 
 
-@pytest.mark.slow
-def test_preemption_saves_and_the_same_command_resumes(tmp_path):
-    args = [*TINY_TRAIN, "trainer.max_steps=40", "callbacks.model_checkpoint.every_n_train_steps=2",
-            "callbacks.sample_grid.every_n_steps=100", "run_id=pre"]
-    cmd = [sys.executable, str(ROOT / "train.py"), *args]
-    ckpts = tmp_path / "outputs" / "train" / "pre" / "checkpoints"
-    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def _preempt(args: list[str], cwd: Path, ckpts: Path) -> tuple[int, str]:
+    """Start train.py, send SIGUSR2 (the configured signal) once it has written step 2; (steps done, stdout)."""
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=cwd,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while not (ckpts / "step_000002.ckpt").exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
-    os.kill(proc.pid, signal.SIGUSR2)  # the configured signal (submitit's time-limit warning)
+    os.kill(proc.pid, signal.SIGUSR2)  # to the launching process: under ddp_spawn it forwards to the ranks
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err[-3000:]
-    stopped = torch.load(ckpts / "last.ckpt", weights_only=True)["global_step"]
-    assert 2 <= stopped < 40 and f"preempted by SIGUSR2 at step {stopped}" in out
+    return torch.load(ckpts / "last.ckpt", weights_only=True)["global_step"], out
+
+
+PREEMPTIBLE = [*TINY_TRAIN, "trainer.max_steps=24", "callbacks.model_checkpoint.every_n_train_steps=2",
+               "callbacks.sample_grid.every_n_steps=100"]
+
+
+@pytest.mark.slow
+def test_preemption_saves_and_the_same_command_resumes(tmp_path):
+    args = [*PREEMPTIBLE, "run_id=pre"]
+    ckpts = tmp_path / "outputs" / "train" / "pre" / "checkpoints"
+    stopped, out = _preempt(args, tmp_path, ckpts)
+    assert 2 <= stopped < 24 and f"preempted by SIGUSR2 at step {stopped}" in out
     resumed = run_script("train.py", *args, cwd=tmp_path)
     assert "resuming:    outputs/train/pre/checkpoints/last.ckpt" in resumed.stdout
-    assert f"Restored all states" in resumed.stderr
+    assert "Restored all states" in resumed.stderr
     assert _dirs(tmp_path / "outputs" / "train") == ["pre"]
-    assert torch.load(ckpts / "last.ckpt", weights_only=True)["global_step"] == 40
+    assert torch.load(ckpts / "last.ckpt", weights_only=True)["global_step"] == 24
+
+
+@pytest.mark.slow
+def test_wandb_under_ddp_logs_and_a_preempted_run_continues_it(tmp_path):
+    """W&B offline on 2 processes: keys and the grid read back; preempted + same command = the same W&B run."""
+    args = [*PREEMPTIBLE, "trainer=ddp_cpu", "logger=wandb", "logger.wandb.tags=[ci]", "run_id=pre_ddp"]
+    run_dir = tmp_path / "outputs" / "train" / "pre_ddp"
+    stopped, _ = _preempt(args, tmp_path, run_dir / "checkpoints")
+    assert 2 <= stopped < 24
+    run_script("train.py", *args, cwd=tmp_path)
+    assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 24
+    assert json.loads((run_dir / "ddp_consistency.json").read_text())["global_step"] == 24
+    runs = _wandb_summary(run_dir)
+    assert len(runs) == 2 and {r["run_id"] for r in runs} == {(run_dir / "wandb_run_id").read_text().strip()}
+    assert all(r["state"] == "finished" and r["tags"] == ["ci"] for r in runs)
+    first, last = runs
+    assert first["summary"]["trainer/global_step"] <= stopped < last["summary"]["trainer/global_step"]
+    for key in ("train/loss", "train/lr", "train/ema_decay", "train/images_per_sec", "val/loss", "val/loss_ema"):
+        assert np.isfinite(last["summary"][key]), key
+    grid = last["summary"]["samples"]
+    assert grid["_type"] == "images/separated"
+    image = run_dir / "wandb" / Path(last["file"]).parent.name / "files" / grid["filenames"][0]
+    assert Image.open(image).size == (grid["width"], grid["height"])
+    assert last["config"]["run_config"]["model"]["lr"] == pytest.approx(1e-3)
+    assert _dirs(tmp_path) == ["outputs"]  # nothing in the working directory (no stray ./wandb)
 
 
 def test_existing_run_dir_is_resumed_or_refused(trained_run, tmp_path):

@@ -53,6 +53,9 @@ def wandb_logger(
         if rank_zero_only.rank == 0:
             run_dir.mkdir(parents=True, exist_ok=True)
             id_file.write_text(run_id + "\n")
+    # Under ddp_spawn the rank-0 worker attaches to the run the launcher created; without this it
+    # would write the run's media into ./wandb of the working directory instead of the run dir.
+    os.environ["WANDB_DIR"] = str(run_dir.absolute())
     if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
         sweep = Path(HydraConfig.get().sweep.dir).name
         name, group = name or f"{sweep}/{run_dir.name}", group or sweep
