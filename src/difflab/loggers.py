@@ -6,8 +6,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-from hydra.core.hydra_config import HydraConfig
-from hydra.types import RunMode
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 
@@ -39,8 +37,8 @@ def wandb_logger(
 ) -> RunDirWandbLogger:
     """A W&B logger writing under ``save_dir`` (the run dir), with the run id kept in ``<save_dir>/wandb_run_id``.
 
-    ``name`` defaults to the run dir's name (``<sweep>/<job>`` in a sweep, whose jobs share ``group``
-    = the sweep's name unless given). ``log_model``: upload checkpoints (True: at the end, "all": each).
+    ``name`` defaults to the run dir's name (``tasks`` passes ``<sweep>/<job>`` and the sweep as
+    ``group`` for the jobs of a sweep). ``log_model``: upload checkpoints (True: at the end, "all": each).
     """
     from wandb.sdk.lib.runid import generate_id
 
@@ -56,9 +54,6 @@ def wandb_logger(
     # Under ddp_spawn the rank-0 worker attaches to the run the launcher created; without this it
     # would write the run's media into ./wandb of the working directory instead of the run dir.
     os.environ["WANDB_DIR"] = str(run_dir.absolute())
-    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
-        sweep = Path(HydraConfig.get().sweep.dir).name
-        name, group = name or f"{sweep}/{run_dir.name}", group or sweep
     return RunDirWandbLogger(
         save_dir=str(run_dir), id=run_id, resume="allow", project=project, entity=entity, group=group,
         name=name or run_dir.name, tags=list(tags or []), log_model=log_model, **kwargs,

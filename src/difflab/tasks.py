@@ -99,7 +99,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
 
 def run_job(fit: Callable[[DictConfig], dict[str, float]], cfg: DictConfig) -> float | None:
-    """An entry point's job: ``fit(cfg)``, returning ``cfg.optimized_metric`` to a sweeper.
+    """An entry point's job: ``fit(cfg)``, returning ``cfg.optimized_metric`` to a sweeper (warns in a sweep if missing).
 
     A failure is written to the job's log (``<run dir>/<task>.log``) before it propagates, so a
     failed job of a sweep is recorded in its own dir while Hydra goes on with the others.
@@ -110,7 +110,7 @@ def run_job(fit: Callable[[DictConfig], dict[str, float]], cfg: DictConfig) -> f
         log.error("job failed: %s: %s", type(err).__name__, err)
         raise
     name = cfg.get("optimized_metric")
-    if name and name not in metrics:
+    if name and name not in metrics and _sweep_name():
         log.warning(
             "optimized_metric=%s was not logged (logged: %s); validation runs every trainer.val_check_interval=%s steps",
             name, sorted(metrics), cfg.trainer.get("val_check_interval"),
@@ -131,7 +131,7 @@ def train_classifier(cfg: DictConfig) -> dict[str, float]:
 def _fit(cfg: DictConfig, module: L.LightningModule, datamodule: L.LightningDataModule) -> dict[str, float]:
     ckpt_path = _resume_from(cfg)
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
-    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c]
+    loggers = [_logger(c, Path(cfg.output_dir)) for c in (cfg.get("logger") or {}).values() if c]
     launch = launch_settings(cfg.trainer.get("strategy"))
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **launch)
     if hasattr(datamodule, "split_batch"):
@@ -149,6 +149,24 @@ def _fit(cfg: DictConfig, module: L.LightningModule, datamodule: L.LightningData
     if trainer.is_global_zero:
         _report_training(Path(cfg.output_dir), metrics, cfg.task_name)
     return metrics
+
+
+def _sweep_name() -> str | None:
+    """The name of the Hydra sweep (-m) this job belongs to; None for a single run."""
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        return Path(HydraConfig.get().sweep.dir).name
+    return None
+
+
+def _logger(node: DictConfig, run_dir: Path) -> Any:
+    """A logger from its config; ``name: null`` / ``group: null`` become the run's (``<sweep>/<job>``) and sweep's names."""
+    sweep = _sweep_name()
+    names = {}
+    if node.get("name", "") is None:
+        names["name"] = f"{sweep}/{run_dir.name}" if sweep else run_dir.name
+    if node.get("group", "") is None and sweep:
+        names["group"] = sweep
+    return instantiate(node, **names)
 
 
 def _resume_from(cfg: DictConfig) -> str | None:
