@@ -159,9 +159,9 @@ def test_slurm_launcher_config_gives_one_task_per_gpu():
     assert cfg.trainer.strategy == "ddp" and cfg.callbacks.preemption.requeue_signals == ["SIGUSR2"]
 
 
-def _preempt(args: list[str], cwd: Path, ckpts: Path) -> tuple[int, str]:
+def _preempt(args: list[str], cwd: Path, ckpts: Path, env: dict[str, str] | None = None) -> tuple[int, str]:
     """Start train.py, send SIGUSR2 (the configured signal) once it has written step 2; (steps done, stdout)."""
-    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=cwd,
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while not (ckpts / "step_000002.ckpt").exists() and proc.poll() is None and time.time() < deadline:
@@ -178,10 +178,18 @@ PREEMPTIBLE = [*TINY_TRAIN, "trainer.max_steps=24", "callbacks.model_checkpoint.
 
 @pytest.mark.slow
 def test_preemption_saves_and_the_same_command_resumes(tmp_path):
+    """As a SLURM job (SLURM_JOB_ID set, `scontrol` on PATH records its call): save, requeue, resume."""
+    scontrol = tmp_path / "bin" / "scontrol"
+    scontrol.parent.mkdir()
+    scontrol.write_text(f'#!/bin/sh\necho "$@" > {tmp_path / "scontrol.args"}\n')
+    scontrol.chmod(0o755)
+    env = {**os.environ, "SLURM_JOB_ID": "4242", "PATH": f"{scontrol.parent}:{os.environ['PATH']}"}
     args = [*PREEMPTIBLE, "run_id=pre"]
     ckpts = tmp_path / "outputs" / "train" / "pre" / "checkpoints"
-    stopped, out = _preempt(args, tmp_path, ckpts)
+    stopped, out = _preempt(args, tmp_path, ckpts, env)
     assert 2 <= stopped < 24 and f"preempted by SIGUSR2 at step {stopped}" in out
+    assert (tmp_path / "scontrol.args").read_text().split() == ["requeue", "4242"]
+    assert "requeued SLURM job 4242" in out
     resumed = run_script("train.py", *args, cwd=tmp_path)
     assert "resuming:    outputs/train/pre/checkpoints/last.ckpt" in resumed.stdout
     assert "Restored all states" in resumed.stderr
