@@ -19,6 +19,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from difflab.callbacks import Preemption
+from difflab.checkpointing import AtomicCheckpointIO
 from difflab.classifier import ClassifierModule
 from difflab.distributed import RankConsistency, forward_signals_to_children, launch_settings
 from difflab.errors import ConfigError
@@ -133,6 +134,7 @@ def _fit(cfg: DictConfig, module: L.LightningModule, datamodule: L.LightningData
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
     loggers = [_logger(c, Path(cfg.output_dir)) for c in (cfg.get("logger") or {}).values() if c]
     launch = launch_settings(cfg.trainer.get("strategy"))
+    launch["plugins"] = [AtomicCheckpointIO(), *launch.get("plugins", [])]
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **launch)
     if hasattr(datamodule, "split_batch"):
         per_device = datamodule.split_batch(trainer.world_size, trainer.accumulate_grad_batches)
@@ -149,6 +151,21 @@ def _fit(cfg: DictConfig, module: L.LightningModule, datamodule: L.LightningData
     if trainer.is_global_zero:
         _report_training(Path(cfg.output_dir), metrics, cfg.task_name)
     return metrics
+
+
+def _newest_readable(last: Path, task_name: str) -> tuple[Path, DictConfig]:
+    """``last`` and its run config, or if it cannot be read, the newest periodic checkpoint beside it that can."""
+    try:
+        return last, _read_checkpoint(last, task_name)[1]
+    except ConfigError as err:
+        for candidate in sorted(last.parent.glob("step_*.ckpt"), reverse=True):
+            try:
+                saved = _read_checkpoint(candidate, task_name)[1]
+            except ConfigError:
+                continue
+            print(f"unreadable:  {_show(last)} ({err}); falling back to {candidate.name}", flush=True)
+            return candidate, saved
+        raise
 
 
 def _sweep_name() -> str | None:
@@ -173,7 +190,8 @@ def _resume_from(cfg: DictConfig) -> str | None:
     """The checkpoint a fit starts from: ``ckpt_path``, else (``resume=auto``) the run dir's own last.ckpt.
 
     A run dir that already holds checkpoints is never trained over from scratch: it is resumed, or
-    (``resume=never``) refused. Resuming checks the checkpoint was written by the same experiment.
+    (``resume=never``) refused. An unreadable last.ckpt falls back to the newest readable periodic
+    checkpoint. Resuming checks the checkpoint was written by the same experiment.
     """
     if cfg.get("ckpt_path") is not None:
         if not Path(cfg.ckpt_path).is_file():
@@ -189,7 +207,7 @@ def _resume_from(cfg: DictConfig) -> str | None:
         raise ConfigError(
             f"{last.parent} already holds checkpoints and resume=never: pick another run_id, or resume=auto to continue it"
         )
-    _, saved = _read_checkpoint(last, cfg.task_name)
+    last, saved = _newest_readable(last, cfg.task_name)
     now = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
     for run in (saved, now):  # speed knobs may change between the legs of a run
         for knob in SPEED_KNOBS:

@@ -1,0 +1,64 @@
+"""Crash-safe checkpoints: a kill during a save leaves the old file whole; resume=auto skips an unreadable last.ckpt."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+import difflab.checkpointing
+from difflab.checkpointing import AtomicCheckpointIO
+from tests.conftest import TINY_TRAIN, run_script
+
+
+class Killed(BaseException):
+    """Stands in for the signal that ends a process mid-write."""
+
+
+def test_a_save_killed_midway_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
+    io, path = AtomicCheckpointIO(), tmp_path / "checkpoints" / "last.ckpt"
+    io.save_checkpoint({"global_step": 3, "w": torch.arange(4.0)}, path)
+    before = path.read_bytes()
+
+    def dies_halfway(obj, f, *args, **kwargs):
+        f.write(b"\x00" * 100)  # part of a checkpoint reaches the disk, then the process is killed
+        raise Killed
+
+    monkeypatch.setattr(difflab.checkpointing.torch, "save", dies_halfway)
+    with pytest.raises(Killed):
+        io.save_checkpoint({"global_step": 6, "w": torch.zeros(4)}, path)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in path.parent.iterdir()) == ["last.ckpt"]  # no temporary file left behind
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=True)["global_step"] == 3
+
+
+def _truncate(path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+@pytest.mark.slow
+def test_resume_falls_back_to_the_newest_readable_checkpoint(trained_run, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained_run, run_dir)
+    ckpts = run_dir / "checkpoints"
+    for name in ("last.ckpt", "step_000006.ckpt"):  # as if killed while writing both (a non-atomic writer)
+        _truncate(ckpts / name)
+    proc = run_script("train.py", *TINY_TRAIN, "trainer.max_steps=9", f"hydra.run.dir={run_dir}")
+    assert "falling back to step_000003.ckpt" in proc.stdout and "truncated" in proc.stdout
+    assert "resuming:" in proc.stdout and "step_000003.ckpt" in proc.stdout
+    assert "Restoring states from the checkpoint path at" in proc.stderr and "step_000003.ckpt" in proc.stderr
+    assert torch.load(ckpts / "last.ckpt", weights_only=True)["global_step"] == 9
+
+
+def test_resume_refuses_when_no_checkpoint_is_readable(trained_run, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained_run, run_dir)
+    for ckpt in (run_dir / "checkpoints").iterdir():
+        _truncate(ckpt)
+    before = {p: p.read_bytes() for p in (run_dir / "checkpoints").iterdir()}
+    proc = run_script("train.py", *TINY_TRAIN, f"hydra.run.dir={run_dir}", check=False)
+    assert proc.returncode != 0 and f"cannot load checkpoint {run_dir / 'checkpoints' / 'last.ckpt'}" in proc.stderr
+    assert {p: p.read_bytes() for p in (run_dir / "checkpoints").iterdir()} == before
