@@ -11,6 +11,9 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
+# OpenMP threads sleep instead of spinning between parallel regions: on a 2-core machine shared with other
+# processes (the script subprocesses the tests start), spinning made small torch ops 10-100x slower (measured).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"

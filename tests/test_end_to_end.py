@@ -23,7 +23,7 @@ def test_train_writes_the_run_layout(trained_run):
     assert all(k in metrics for k in ("train/loss", "train/lr", "train/ema_decay", "val/loss_ema"))
     ckpt = torch.load(trained_run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert ckpt["global_step"] == 6
-    assert ckpt["hyper_parameters"]["run_config"]["model"]["net"]["unet"]["sample_size"] == 8
+    assert ckpt["state_dict"]["net.unet.conv_in.weight"].shape[1:] == (1, 3, 3)  # the UNet follows the data's channels
     ema_keys = [k for k in ckpt["state_dict"] if k.startswith("ema.module.")]
     assert ema_keys and ckpt["state_dict"]["ema._extra_state"] == {"num_updates": 6}
 

@@ -1,20 +1,21 @@
-"""Guidance as wrappers around ``eps = denoiser(x_t, t, y)``: every sampler gets it without change.
+"""Guidance as wrappers around ``pred = denoiser(x_t, t, abar_t, y)``: every sampler gets it without change.
 
 Classifier-free guidance (Ho & Salimans 2022): eps = eps_u + w (eps_c - eps_u), so w = 1 is the
 plain conditional model and w = 0 the unconditional one. Classifier guidance (Dhariwal & Nichol
 2021): the DDPM mean moves by s Sigma grad_x log p_phi(y | x_t, t); for other samplers
-eps = eps_theta - s sqrt(1 - abar_t) grad_x log p_phi(y | x_t, t).
+eps = eps_theta - s sqrt(1 - abar_t) grad_x log p_phi(y | x_t, t). Both take and return
+:class:`~difflab.objectives.Prediction`, so they work with every objective and sampler.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
+from difflab.objectives import Prediction
 from difflab.samplers import Denoiser
-from difflab.samplers.ddpm import ddpm_variance
 
 
 def balanced_labels(num_classes: int, num_samples: int) -> Tensor:
@@ -34,9 +35,11 @@ def drop_labels(y: Tensor, p_uncond: float, null_label: int, generator: torch.Ge
 class ClassifierFreeGuidance:
     """eps = eps_u + w (eps_c - eps_u): w = 1 conditional, w = 0 unconditional, w > 1 guided.
 
-    The conditional and unconditional passes run as one batched forward of 2B. w = 1 and w = 0
-    return exactly one pass. ``rescale`` (phi of Lin et al. 2023, eq. 15-16) mixes in the guided
-    eps rescaled to the conditional eps's per-sample std; 0 disables it.
+    Applied to the network's output in its own objective: eps, x0 and v are affine in one another
+    at fixed x_t, so guiding any of them guides eps the same way. The conditional and unconditional
+    passes run as one batched forward of 2B; w = 1 and w = 0 return exactly one pass. A learned
+    variance is the conditional pass's. ``rescale`` (phi of Lin et al. 2023, eq. 15-16) mixes in the
+    guided output rescaled to the conditional output's per-sample std; 0 disables it.
     """
 
     def __init__(self, denoiser: Denoiser, scale: float, null_label: int, rescale: float = 0.0) -> None:
@@ -44,31 +47,33 @@ class ClassifierFreeGuidance:
             raise ValueError(f"guidance rescale must lie in [0, 1], got {rescale}")
         self.denoiser, self.scale, self.null_label, self.rescale = denoiser, scale, null_label, rescale
 
-    def __call__(self, x_t: Tensor, t: Tensor, y: Tensor | None) -> Tensor:
+    def __call__(self, x_t: Tensor, t: Tensor, abar_t: Tensor, y: Tensor | None) -> Prediction:
         if y is None:
             raise ValueError("classifier-free guidance needs class labels y")
         null = torch.full_like(y, self.null_label)
         if self.scale == 1.0:
-            return self.denoiser(x_t, t, y)
+            return self.denoiser(x_t, t, abar_t, y)
         if self.scale == 0.0:
-            return self.denoiser(x_t, t, null)
-        eps_c, eps_u = self.denoiser(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([y, null])).chunk(2)
-        eps = eps_u + self.scale * (eps_c - eps_u)
+            return self.denoiser(x_t, t, abar_t, null)
+        both = self.denoiser(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([abar_t, abar_t]), torch.cat([y, null]))
+        cond, uncond = both.output.chunk(2)
+        out = uncond + self.scale * (cond - uncond)
         if self.rescale > 0:
-            dims = tuple(range(1, eps.ndim))
-            rescaled = eps * (eps_c.std(dim=dims, keepdim=True) / eps.std(dim=dims, keepdim=True))
-            eps = self.rescale * rescaled + (1 - self.rescale) * eps
-        return eps
+            dims = tuple(range(1, out.ndim))
+            rescaled = out * (cond.std(dim=dims, keepdim=True) / out.std(dim=dims, keepdim=True))
+            out = self.rescale * rescaled + (1 - self.rescale) * out
+        frac = None if both.variance_frac is None else both.variance_frac.chunk(2)[0]
+        return Prediction(out, both.objective, x_t, both.abar_t.chunk(2)[0], frac)
 
 
 class ClassifierGuidance:
     """Classifier guidance (Dhariwal & Nichol 2021) with g = grad_x log p_phi(y | x_t, t).
 
-    For DDIM and any other eps-sampler (their Algorithm 2): eps = eps_theta - s sqrt(1 - abar_t) g.
-    For DDPM (``ddpm_pairs`` given, with the sampler's ``variance``), their Algorithm 1: the reverse
-    mean moves by s Sigma g, Sigma the step's variance (beta or beta~ of the respaced step t -> t'),
-    done by moving eps by -s Sigma g sqrt(alpha) sqrt(1 - abar_t) / beta (eq. 11 solved for eps).
-    s = 0 returns the denoiser's eps untouched.
+    For DDIM and any other sampler (their Algorithm 2): eps = eps_theta - s sqrt(1 - abar_t) g;
+    skipped where abar_t = 0 (zero terminal SNR: eps = x_t there whatever the model says). For DDPM
+    (``mean_shift_as_x0`` given, see :meth:`difflab.samplers.DDPM.mean_shift_as_x0`), their
+    Algorithm 1: the step's mean moves by s Sigma g, done by moving x0_hat by s (Sigma / c_x0) g.
+    s = 0 returns the denoiser's prediction untouched.
     """
 
     def __init__(
@@ -76,34 +81,23 @@ class ClassifierGuidance:
         denoiser: Denoiser,
         classifier: Callable[[Tensor, Tensor], Tensor],
         scale: float,
-        alphas_cumprod: Tensor,
-        ddpm_pairs: Sequence[tuple[int, int]] | None = None,
-        variance: str = "beta_tilde",
+        mean_shift_as_x0: Callable[[Tensor, Prediction], Tensor] | None = None,
     ) -> None:
-        self.denoiser, self.classifier, self.scale, self.alphas_cumprod = denoiser, classifier, scale, alphas_cumprod
-        self.variance = variance
-        self.prev = None  # t -> t' of the DDPM grid
-        if ddpm_pairs is not None:
-            self.prev = torch.full((len(alphas_cumprod),), -1, dtype=torch.long, device=alphas_cumprod.device)
-            for t, t_prev in ddpm_pairs:
-                self.prev[t] = t_prev
+        self.denoiser, self.classifier, self.scale, self.mean_shift_as_x0 = denoiser, classifier, scale, mean_shift_as_x0
 
-    def __call__(self, x_t: Tensor, t: Tensor, y: Tensor | None) -> Tensor:
-        eps = self.denoiser(x_t, t, y)
+    def __call__(self, x_t: Tensor, t: Tensor, abar_t: Tensor, y: Tensor | None) -> Prediction:
+        pred = self.denoiser(x_t, t, abar_t, y)
         if self.scale == 0.0:
-            return eps
+            return pred
         if y is None:
             raise ValueError("classifier guidance needs class labels y")
+        if self.mean_shift_as_x0 is None and bool((abar_t == 0).any()):
+            return pred
         with torch.enable_grad():
             x = x_t.detach().requires_grad_(True)
             log_p = torch.log_softmax(self.classifier(x, t), dim=-1)
             grad = torch.autograd.grad(log_p.gather(1, y[:, None]).sum(), x)[0]
-        abar_t = self.alphas_cumprod[t]
-        if self.prev is None:
-            coef = (1 - abar_t).sqrt()
-        else:
-            t_prev = self.prev[t]
-            abar_prev = torch.where(t_prev >= 0, self.alphas_cumprod[t_prev.clamp(min=0)], torch.ones_like(abar_t))
-            alpha = abar_t / abar_prev
-            coef = ddpm_variance(abar_t, abar_prev, self.variance) * alpha.sqrt() * (1 - abar_t).sqrt() / (1 - alpha)
-        return eps - self.scale * coef.to(eps.dtype).view(-1, *([1] * (eps.ndim - 1))) * grad
+        if self.mean_shift_as_x0 is not None:
+            return pred.with_output(pred.x0 + self.scale * self.mean_shift_as_x0(t, pred) * grad, "x0")
+        coef = (1 - pred.abar_t).sqrt().to(grad.dtype)
+        return pred.with_output(pred.eps - self.scale * coef * grad, "eps")

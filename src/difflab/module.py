@@ -1,4 +1,4 @@
-"""DiffusionModule: the LightningModule that trains eps_theta with L_simple and keeps EMA weights."""
+"""DiffusionModule: the LightningModule that trains the denoiser with its objective and keeps EMA weights."""
 
 from __future__ import annotations
 
@@ -7,25 +7,40 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 from torch import Tensor
 from torch.optim.lr_scheduler import LinearLR
 
-from difflab.denoiser import UNetDenoiser
+from difflab.denoiser import PredictionDenoiser, UNetDenoiser
 from difflab.ema import EMA
 from difflab.guidance import ClassifierFreeGuidance, ClassifierGuidance, drop_labels
-from difflab.losses import simple_loss
+from difflab.losses import simple_loss, vlb_term
 from difflab.noise import PerSampleNoise
-from difflab.samplers import DDPM, Sampler
-from difflab.schedule import NoiseSchedule
+from difflab.objectives import Objective, Prediction, Weighting, check_objective, loss_weight, objective_target
+from difflab.samplers import DDPM, Denoiser, Sampler
+from difflab.schedule import NoiseSchedule, q_sample_abar, step_variances
+from difflab.timestep_sampling import TimestepSampler, TimestepSampling
+
+QUARTERS = 4
+"""Validation losses are also logged per quarter of the timestep range (improved-diffusion's quartiles)."""
 
 
 class DiffusionModule(L.LightningModule):
-    """Schedule + UNet denoiser + L_simple + EMA; AdamW with linear warm-up.
+    """Schedule + UNet denoiser + its loss + EMA; AdamW with linear warm-up.
+
+    The loss is ``weighting``-weighted MSE on the ``objective``'s target (eps, x0 or v; see
+    :mod:`difflab.objectives`), plus, when the UNet learns its variance, ``vlb_weight`` T L_t of
+    the variational bound with the mean's gradient stopped (L_hybrid of Nichol & Dhariwal 2021,
+    lambda = 0.001). t is drawn by ``timestep_sampling`` (uniform, or loss-aware importance sampling).
 
     With ``num_classes`` set, the UNet is class-conditional and training replaces each label by
     the null label (index ``num_classes``, its own embedding) with probability ``p_uncond``, which
     classifier-free guidance needs at sampling time.
+
+    The timesteps, noise, label dropout and self-conditioning coin of each training step come from a
+    generator seeded by (``seed``, step, rank, micro-batch): ranks draw independent noise, and a
+    resumed run draws exactly what an uninterrupted one would.
 
     ``tasks.build_module`` saves the resolved run config as this module's hyper-parameters, so every
     checkpoint rebuilds its model without the training config at hand.
@@ -35,6 +50,11 @@ class DiffusionModule(L.LightningModule):
         self,
         net: UNetDenoiser,
         schedule: NoiseSchedule,
+        objective: Objective = "eps",
+        weighting: Weighting = "uniform",
+        min_snr_gamma: float = 5.0,
+        vlb_weight: float = 0.001,
+        timestep_sampling: TimestepSampling = "uniform",
         lr: float = 2e-4,
         weight_decay: float = 0.0,
         adam_betas: Sequence[float] = (0.9, 0.999),
@@ -45,8 +65,18 @@ class DiffusionModule(L.LightningModule):
         p_uncond: float = 0.0,
         compile: bool = False,
         channels_last: bool = False,
+        seed: int = 0,
     ) -> None:
         super().__init__()
+        self.objective = check_objective(objective)
+        if schedule.zero_terminal_snr and objective == "eps":
+            raise ValueError(
+                "schedule.zero_terminal_snr=true needs objective=v (or x0): at abar_{T-1} = 0 the input is pure noise, "
+                "eps = x_t there, and x0 cannot be recovered from an eps prediction"
+            )
+        loss_weight(schedule.alphas_cumprod[:1], self.objective, weighting, min_snr_gamma)  # refuses bad options now
+        if vlb_weight < 0:
+            raise ValueError(f"loss.vlb_weight must be >= 0, got {vlb_weight}")
         if not 0.0 <= p_uncond < 1.0:
             raise ValueError(f"conditioning.p_uncond must lie in [0, 1), got {p_uncond}")
         if num_classes is not None and net.unet.config.num_class_embeds != num_classes + 1:
@@ -54,15 +84,23 @@ class DiffusionModule(L.LightningModule):
                 f"a {num_classes}-class model needs a UNet with num_class_embeds={num_classes + 1} (one null label), "
                 f"got {net.unet.config.num_class_embeds}"
             )
+        self.weighting, self.min_snr_gamma, self.vlb_weight = weighting, min_snr_gamma, vlb_weight
         self.num_classes, self.p_uncond = num_classes, p_uncond
         self.net = net
         self.schedule = schedule
+        self.timesteps = TimestepSampler(schedule.num_timesteps, timestep_sampling)
         self.ema = EMA(net, decay=ema_decay, warmup=ema_warmup)
         self.lr, self.weight_decay, self.adam_betas = lr, weight_decay, tuple(adam_betas)
         self.warmup_steps = warmup_steps
         self.compile, self.channels_last = compile, channels_last
+        self.seed = seed
+        # beta, beta~, beta~ clipped of each step t -> t-1, indexed by t (the likelihood terms of a learned variance)
+        full = [(t, t - 1) for t in range(schedule.num_timesteps - 1, -1, -1)]
+        for name, values in zip(("step_beta", "step_beta_tilde", "step_beta_tilde_clipped"), step_variances(schedule.alphas_cumprod, full)):
+            self.register_buffer(name, values.flip(0), persistent=False)
         self._step_started: float | None = None
         self._batch_images = 0
+        self._micro_batch = 0
 
     @property
     def null_label(self) -> int | None:
@@ -80,20 +118,68 @@ class DiffusionModule(L.LightningModule):
         if self.compile and getattr(self.net.unet, "_compiled_call_impl", None) is None:
             self.net.unet.compile()
 
-    def loss(
+    def denoiser(self, net: UNetDenoiser) -> PredictionDenoiser:
+        """pred = f(x_t, t, abar_t, y) over ``net`` (the raw or the EMA network), in this model's objective."""
+        return PredictionDenoiser(net, self.objective)
+
+    def step_generator(self) -> torch.Generator:
+        """The generator of this training step's random draws, seeded by (seed, global step, rank, micro-batch)."""
+        key = (self.global_step, self.global_rank, self._micro_batch)
+        state = np.random.SeedSequence(entropy=self.seed, spawn_key=key).generate_state(2, dtype=np.uint32)
+        return torch.Generator(device=self.device).manual_seed(int(state[0]) << 31 | int(state[1]) >> 1)
+
+    def losses(
         self, x0: Tensor, net: UNetDenoiser, y: Tensor | None = None, generator: torch.Generator | None = None
-    ) -> Tensor:
-        """L_simple at t ~ U{0..T-1}, eps ~ N(0, I) (Algorithm 1); x0 (B, C, H, W) in [-1, 1], y (B,) or None."""
-        t = torch.randint(0, self.schedule.num_timesteps, (x0.shape[0],), device=x0.device, generator=generator)
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Per-sample losses (B,), their timesteps t (B,) and importance weights (B,) or None (Algorithm 1).
+
+        x0 (B, C, H, W), y (B,) or None. The loss of a sample is w(t) ||target - output||^2 (mean over
+        elements) plus, with a learned variance, vlb_weight * T * L_t in bits/dim.
+        """
+        t, importance = self.timesteps.sample(x0.shape[0], x0.device, generator)
         noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
-        x_t = self.schedule.q_sample(x0, t, noise)
+        abar_t = self.schedule.abar(t, x0.ndim)
+        x_t = q_sample_abar(x0, abar_t, noise)
+        denoiser = self.denoiser(net)
+        x0_self_cond = None
+        if net.self_condition and torch.rand((), device=x0.device, generator=generator) < 0.5:
+            with torch.no_grad():  # Chen et al. 2022, Algorithm 1: half the time, condition on a first estimate
+                x0_self_cond = denoiser.read(net(denoiser.network_input(x_t), t, y), x_t, abar_t).x0
+        model_input = denoiser.network_input(x_t, x0_self_cond)
         if self.channels_last:
-            x_t = x_t.contiguous(memory_format=torch.channels_last)
-        return simple_loss(net(x_t, t, y), noise)
+            model_input = model_input.contiguous(memory_format=torch.channels_last)
+        pred = denoiser.read(net(model_input, t, y), x_t, abar_t)
+        target = objective_target(self.objective, x0, noise, abar_t)
+        weight = None if self.weighting == "uniform" else loss_weight(abar_t.flatten(), self.objective, self.weighting, self.min_snr_gamma)
+        losses = simple_loss(pred.output, target, weight)
+        if net.learn_variance:
+            losses = losses + self.vlb_weight * self.schedule.num_timesteps * self.vlb(x0, pred.with_output(pred.output.detach()), t)
+        return losses, t, importance
+
+    def vlb(self, x0: Tensor, pred: Prediction, t: Tensor, sampler: DDPM | None = None) -> Tensor:
+        """L_t of the variational bound in bits/dim (B,) at the prediction ``pred`` made at x_t = pred.x_t.
+
+        The reverse variance is ``sampler``'s choice (beta, beta~, learned; default: learned if the
+        model learns it, else beta~); L_0 is the discretised decoder of 8-bit pixels.
+        """
+        sampler = sampler or DDPM(variance="auto")
+        shape = (-1, *([1] * (x0.ndim - 1)))
+        variances = [v[t].view(shape) for v in (self.step_beta, self.step_beta_tilde, self.step_beta_tilde_clipped)]
+        return vlb_term(
+            x0, pred.x_t, pred.x0, self.schedule.abar(t, x0.ndim), self.schedule.abar(t - 1, x0.ndim),
+            sampler.log_sigma2(pred, *variances), variances[2].log(), t == 0,
+        )
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        y = drop_labels(batch[1], self.p_uncond, self.null_label) if self.num_classes else None
-        loss = self.loss(batch[0], self.net, y)
+        generator = self.step_generator()
+        self._micro_batch += 1
+        y = drop_labels(batch[1], self.p_uncond, self.null_label, generator) if self.num_classes else None
+        losses, t, importance = self.losses(batch[0], self.net, y, generator)
+        loss = (losses if importance is None else importance * losses).mean()
+        if self.timesteps.kind != "uniform":  # every rank records every rank's losses, so all sample alike
+            gathered = self.all_gather(torch.stack([t.to(losses.dtype), losses.detach()]))
+            gathered = gathered.transpose(0, 1).reshape(2, -1) if gathered.ndim == 3 else gathered
+            self.timesteps.update(gathered[0].long(), gathered[1])
         self.log("train/loss", loss, prog_bar=True)
         self._batch_images = batch[0].shape[0]
         return loss
@@ -102,6 +188,7 @@ class DiffusionModule(L.LightningModule):
         # The EMA follows each optimizer step here, before any callback's on_train_batch_end, so a
         # checkpoint written at step k holds the EMA of step k (not k - 1) and resumes exactly.
         super().optimizer_step(*args, **kwargs)
+        self._micro_batch = 0
         self.ema.update(self.net)
         self.log("train/ema_decay", self.ema.current_decay())
         # logged here rather than by LearningRateMonitor, which refuses to run without a logger
@@ -114,11 +201,18 @@ class DiffusionModule(L.LightningModule):
         self._step_started = now
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        # The same t and noise for every validation pass, so the curve shows the model, not the draw.
+        """val/loss and val/loss_ema, also per quarter of [0, T) (``_q0`` .. ``_q3``), on fixed t and noise."""
         x0, y = batch[0], (batch[1] if self.num_classes else None)
         for name, net in (("val/loss", self.net), ("val/loss_ema", self.ema.module)):
+            # The same t and noise for every validation pass, so the curve shows the model, not the draw.
             generator = torch.Generator(device=x0.device).manual_seed(batch_idx)
-            self.log(name, self.loss(x0, net, y, generator), prog_bar=name == "val/loss_ema", sync_dist=True)
+            losses, t, _ = self.losses(x0, net, y, generator)
+            self.log(name, losses.mean(), prog_bar=name == "val/loss_ema", sync_dist=True, batch_size=len(losses))
+            quarter = t * QUARTERS // self.schedule.num_timesteps
+            for q in range(QUARTERS):
+                members = quarter == q
+                if members.any():
+                    self.log(f"{name}_q{q}", losses[members].mean(), sync_dist=True, batch_size=int(members.sum()))
 
     def configure_optimizers(self) -> dict[str, Any]:
         optimizer = torch.optim.AdamW(
@@ -146,19 +240,18 @@ class DiffusionModule(L.LightningModule):
         classifier: Callable[[Tensor, Tensor], Tensor] | None = None,
         classifier_scale: float = 0.0,
         sampler: Sampler | None = None,
-    ) -> Callable[[Tensor, Tensor, Tensor | None], Tensor]:
-        """eps = f(x_t, t, y): the (EMA) network, wrapped in classifier-free and/or classifier guidance.
+    ) -> Denoiser:
+        """pred = f(x_t, t, abar_t, y): the (EMA) network, wrapped in classifier-free and/or classifier guidance.
 
         Classifier guidance takes the mean-shift form for a DDPM ``sampler``, the eps form otherwise.
         """
-        denoiser: Callable[[Tensor, Tensor, Tensor | None], Tensor] = self.ema.module if use_ema else self.net
+        denoiser: Denoiser = self.denoiser(self.ema.module if use_ema else self.net)
         self.check_guidance_scale(guidance_scale)
         if guidance_scale != 1.0:
             denoiser = ClassifierFreeGuidance(denoiser, guidance_scale, self.null_label, guidance_rescale)
         if classifier is not None:
-            abar = self.schedule.alphas_cumprod
-            ddpm = {"ddpm_pairs": sampler.pairs(len(abar)), "variance": sampler.variance} if isinstance(sampler, DDPM) else {}
-            denoiser = ClassifierGuidance(denoiser, classifier, classifier_scale, abar, **ddpm)
+            shift = sampler.mean_shift_as_x0(self.schedule.alphas_cumprod) if isinstance(sampler, DDPM) else None
+            denoiser = ClassifierGuidance(denoiser, classifier, classifier_scale, shift)
         return denoiser
 
     @torch.no_grad()
@@ -185,7 +278,6 @@ class DiffusionModule(L.LightningModule):
             raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
         if labels is not None and len(labels) != num_samples:
             raise ValueError(f"got {len(labels)} labels for {num_samples} samples")
-        denoiser = self.guided_denoiser(sampler=sampler, **guidance)
         nets = [self.ema.module, self.net]
         modes = [net.training for net in nets]
         for net in nets:
@@ -195,7 +287,9 @@ class DiffusionModule(L.LightningModule):
             stop = min(start + batch_size, num_samples)
             noise = PerSampleNoise.for_indices(seed, range(first_index + start, first_index + stop), self.device)
             y = None if labels is None else labels[start:stop].to(self.device)
-            batches.append(sampler(denoiser, self.schedule.alphas_cumprod, noise, self.net.sample_shape, y, progress).cpu())
+            denoiser = self.guided_denoiser(sampler=sampler, **guidance)  # one per batch: self-conditioning state
+            x = sampler(denoiser, self.schedule.alphas_cumprod, noise, self.net.sample_shape, y, progress, self.objective)
+            batches.append(x.cpu())
         for net, mode in zip(nets, modes):
             net.train(mode)
         return torch.cat(batches)

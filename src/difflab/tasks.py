@@ -42,16 +42,39 @@ def _instantiate(node: DictConfig, what: str, **kwargs: Any) -> Any:
         raise (cause if isinstance(cause, ConfigError) else ConfigError(f"{what} config is invalid: {cause}")) from err
 
 
+LOSS_DEFAULTS = {"weighting": "uniform", "min_snr_gamma": 5.0, "learn_variance": False, "vlb_weight": 0.001,
+                 "timestep_sampling": "uniform"}
+"""``cfg.loss`` of runs from before the loss group existed (their checkpoints still load)."""
+
+
 def build_module(cfg: DictConfig) -> DiffusionModule:
-    """The DiffusionModule of a run config: ``cfg.model`` with the schedule and conditioning of ``cfg``."""
+    """The DiffusionModule of a run config: ``cfg.model`` with the schedule, objective, loss and conditioning of ``cfg``.
+
+    The UNet's shape follows the data: its size, C channels in (2C with self-conditioning), C out (2C with a
+    learned variance).
+    """
+    loss = {**LOSS_DEFAULTS, **(cfg.get("loss") or {})}
+    channels = int(cfg.dataset.channels)
+    self_condition = bool(OmegaConf.select(cfg, "model.net.self_condition", default=False))
+    unet: dict[str, Any] = {
+        "sample_size": int(cfg.dataset.resolution),
+        "in_channels": channels * (2 if self_condition else 1),
+        "out_channels": channels * (2 if loss["learn_variance"] else 1),
+    }
     extra: dict[str, Any] = {}
     cond = cfg.get("conditioning")
     if cond is not None and cond.enabled:
         if not cond.num_classes:
             raise ConfigError("conditioning=class needs conditioning.num_classes (taken from a dataset with classes)")
         n = int(cond.num_classes)
-        extra = {"num_classes": n, "p_uncond": cond.p_uncond, "net": {"unet": {"num_class_embeds": n + 1}}}
-    module = _instantiate(cfg.model, "model", schedule=_instantiate(cfg.schedule, "schedule"), **extra)
+        extra = {"num_classes": n, "p_uncond": cond.p_uncond}
+        unet["num_class_embeds"] = n + 1
+    module = _instantiate(
+        cfg.model, "model", schedule=_instantiate(cfg.schedule, "schedule"), objective=cfg.get("objective", "eps"),
+        weighting=loss["weighting"], min_snr_gamma=loss["min_snr_gamma"], vlb_weight=loss["vlb_weight"],
+        timestep_sampling=loss["timestep_sampling"], seed=int(cfg.get("seed", 0)),
+        net={"learn_variance": loss["learn_variance"], "unet": unet}, **extra,
+    )
     module.save_hyperparameters({"run_config": OmegaConf.to_container(cfg, resolve=True)})
     return module
 
@@ -214,7 +237,7 @@ def _resume_from(cfg: DictConfig) -> str | None:
             parent, _, key = knob.rpartition(".")
             if OmegaConf.select(run, parent) is not None:
                 OmegaConf.select(run, parent).pop(key, None)
-    keys = ("model", "schedule", "dataset", "conditioning", "classifier", "seed")
+    keys = ("model", "schedule", "objective", "loss", "dataset", "conditioning", "classifier", "seed")
     changed = [key for key in keys if OmegaConf.select(saved, key) != OmegaConf.select(now, key)]
     if changed:
         raise ConfigError(
