@@ -78,7 +78,7 @@ class PerSampleNoise:
 
 
 def participation_ratio(eigenvalues: Tensor) -> float:
-    """PR = (sum lambda)^2 / sum lambda^2 of a covariance spectrum (negatives clipped): n for white noise, 1 for rank 1."""
+    """PR = (sum lambda)^2 / sum lambda^2 of a spectrum (negatives clipped): n for white noise, 1 for rank one."""
     lam = eigenvalues.double().clamp(min=0)
     return float(lam.sum() ** 2 / lam.square().sum())
 
@@ -280,7 +280,9 @@ class ShapedNoise(nn.Module):
             raise ValueError(f"{self.option} was built for samples of shape {self.shape}, got a batch {tuple(x.shape)}")
         if not self._fitted:  # reads the buffer once (a device sync), not on every call
             if not self.fitted:
-                raise RuntimeError(f"{self.option} is not fitted: call fit(batches) on the training data, or load its state")
+                raise RuntimeError(
+                    f"{self.option} is not fitted: call fit(batches) on the training data, or load its state"
+                )
             self._fitted = True
 
     def color(self, z: Tensor) -> Tensor:
@@ -337,7 +339,9 @@ class ShapedNoise(nn.Module):
         moments = StreamingMoments(None if scatter is None else scatter.absorb)
         for x in batches:
             if tuple(x.shape[1:]) != self.shape:
-                raise ConfigError(f"{self.option} was built for images of shape {self.shape}, the data gives {tuple(x.shape[1:])}")
+                raise ConfigError(
+                    f"{self.option} was built for images of shape {self.shape}, the data gives {tuple(x.shape[1:])}"
+                )
             moments.update(self._features(x.detach().to(device=device, dtype=torch.float64)))
         self.check_num_samples(moments.count)
         with torch.no_grad():
@@ -375,7 +379,7 @@ class ShapedNoise(nn.Module):
             )
 
     def save(self, path: str | Path) -> Path:
-        """Write the fitted statistics and the constructor arguments to a safetensors file (e.g. run_dir/noise.safetensors)."""
+        """Write the statistics and constructor arguments to a safetensors file (e.g. <run dir>/noise.safetensors)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
@@ -575,7 +579,9 @@ class LowRankNoise(FittedNoise):
     ) -> None:
         super().__init__(shape, **spectrum_knobs)  # type: ignore[arg-type]
         if not (isinstance(rank, int) and 1 <= rank < self.dim):
-            raise ConfigError(f"noise.rank must be an integer in [1, {self.dim - 1}] for samples of shape {self.shape}, got {rank!r}")
+            raise ConfigError(
+                f"noise.rank must be an integer in [1, {self.dim - 1}] for samples of shape {self.shape}, got {rank!r}"
+            )
         self.rank, self.max_exact_dim = rank, int(max_exact_dim)
         self.register_buffer("basis", torch.eye(self.dim, rank, dtype=torch.float64))
         self.register_buffer("eigenvalues", torch.ones(rank, dtype=torch.float64))
@@ -584,7 +590,8 @@ class LowRankNoise(FittedNoise):
     def check_num_samples(self, num_samples: int) -> None:
         if num_samples <= self.rank:
             raise ConfigError(
-                f"noise=lowrank with noise.rank={self.rank} needs more than {self.rank} training samples, got {num_samples}"
+                f"noise=lowrank with noise.rank={self.rank} needs more than {self.rank} training samples, "
+                f"got {num_samples}"
             )
 
     def _features(self, x: Tensor) -> Tensor:

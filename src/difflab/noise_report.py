@@ -1,4 +1,4 @@
-"""python -m difflab.noise_report dataset=digits noise=covariance: the spectra that make the low-rank argument checkable.
+"""python -m difflab.noise_report dataset=digits noise=covariance: spectra that make the low-rank argument checkable.
 
 Fits the ``noise`` option on the dataset's training split as a model sees it (one epoch of the
 training loader, augmentation included) and writes into the run dir:
@@ -190,7 +190,11 @@ def plot_report(
     ax.grid(True, which="major", alpha=0.3)
 
     ax = figure.add_subplot(grid[1, 2])
-    groups = (("data", _display(data[: len(z)], False)), ("iid $z$", _display(z, True)), ("shaped $Az$", _display(draws, True)))
+    groups = (
+        ("data", _display(data[: len(z)], False)),
+        ("iid $z$", _display(z, True)),
+        ("shaped $Az$", _display(draws, True)),
+    )
     per_row = math.ceil(math.sqrt(len(z) * 3))  # the three groups together near square
     per_row = math.ceil(len(z) / math.ceil(len(z) / per_row))
     blocks = [make_grid(to_uint8(images), nrow=per_row, padding=1) for _, images in groups]
