@@ -73,6 +73,7 @@ def noise_report(cfg: DictConfig) -> dict[str, Any]:
             f"n = {n}: lower dataset.resolution"
         )
     noise: ShapedNoise = _instantiate(cfg.noise, "noise", shape=shape)
+    noise.check_num_samples(sum(len(x) for x in batches))
     noise.fit(batches)
 
     data = torch.cat(batches).double()
