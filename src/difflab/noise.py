@@ -1,12 +1,48 @@
-"""The Gaussian noise of the forward process and the samplers, drawn reproducibly per sample."""
+"""The Gaussian noise of the forward process and the samplers: drawn reproducibly per sample, and optionally shaped.
+
+Shaped noise (non-isotropic Gaussian diffusion; PriorGrad, Lee et al. 2022; Voleti et al. 2022) draws
+eps = A z, z ~ N(0, I), with covariance C = A A^T over the flattened image (C, H, W), flattened in
+that order (n = C H W). The forward process is x_t = sqrt(abar_t) (x0 - mu) + sqrt(1 - abar_t) A z,
+the network predicts the white z, and in whitened coordinates y = A^{-1} (x - mu) everything is
+standard DDPM: samplers run unchanged on y with the denoiser y -> z_theta(A y, t), and x = A y + mu.
+
+| code              | math                                        |
+|-------------------|---------------------------------------------|
+| ``color(z)``      | A z                                         |
+| ``whiten(x)``     | A^{-1} x                                    |
+| ``mean``          | mu (zeros unless ``center``)                |
+| ``to_data(y0)``   | A y0 + mu                                   |
+| ``from_data(x0)`` | A^{-1} (x0 - mu)                            |
+| ``covariance()``  | C = A A^T, dense (n, n), float64            |
+| ``log_abs_det()`` | log abs det A                               |
+
+Every fitted A is the symmetric square root V Lambda^{1/2} V^T of an eigendecomposition C = V Lambda V^T
+(never a Cholesky factor, which fails on the near-singular covariances of real images). Statistics
+are fitted in float64 and the linear maps run in float64, returning the caller's dtype.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import json
+import math
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import ClassVar, Literal
 
 import numpy as np
 import torch
-from torch import Tensor
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from difflab.errors import ConfigError
+
+Scale = Literal["data", "unit_trace"]
+SCALES = ("data", "unit_trace")
+DENSE_MAX_DIM = 4096
+"""The largest n a dense covariance takes: its (n, n) eigenbasis is 134 MB in float64 at n = 4096."""
+DENSE_MIN_SAMPLES_PER_DIM = 5
+"""A dense fit needs >= 5 n samples: below that its small eigenvalues are mostly sampling noise."""
 
 
 def sample_seed(seed: int, index: int) -> int:
@@ -35,3 +71,652 @@ class PerSampleNoise:
         """z ~ N(0, I) of shape (N, *shape), row i from generator i."""
         z = torch.stack([torch.randn(tuple(shape), generator=g, dtype=dtype) for g in self.generators])
         return z.to(self.device)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Spectrum helpers
+
+
+def participation_ratio(eigenvalues: Tensor) -> float:
+    """PR = (sum lambda)^2 / sum lambda^2 of a spectrum (negatives clipped): n for white noise, 1 for rank one."""
+    lam = eigenvalues.double().clamp(min=0)
+    return float(lam.sum() ** 2 / lam.square().sum())
+
+
+def effective_rank(eigenvalues: Tensor) -> float:
+    """exp(H(p)), p = lambda / sum lambda: the exponential of the spectral entropy (Roy & Vetterli 2007)."""
+    lam = eigenvalues.double().clamp(min=0)
+    p = lam / lam.sum()
+    p = p[p > 0]
+    return math.exp(-float((p * p.log()).sum()))
+
+
+def shape_spectrum(
+    eigenvalues: Tensor,
+    floor: float,
+    shrinkage: float,
+    power: float,
+    scale: Scale,
+    multiplicity: Tensor | None = None,
+) -> Tensor:
+    """The noise spectrum from the data's: lambda' = k ((1 - s) max(lambda, f m) + s m')^p, float64.
+
+    Negatives are clipped to 0; f = ``floor`` relative to the mean data eigenvalue m = tr(Sigma) / n;
+    ``shrinkage`` s pulls toward the mean m' of the floored spectrum (toward iid); ``power`` p = 0 gives
+    iid, 1 the data's shape; k sets the trace: tr(Sigma) for ``scale="data"``, n for ``"unit_trace"``.
+    ``multiplicity`` (same shape) counts how often each eigenvalue repeats (low-rank's complement).
+    """
+    lam = eigenvalues.double().clamp(min=0)
+    weight = torch.ones_like(lam) if multiplicity is None else multiplicity.double()
+    n, data_trace = weight.sum(), (weight * lam).sum()
+    if not data_trace > 0:
+        raise ConfigError("the training data has zero variance: a noise shaped like its covariance does not exist")
+    lam = lam.clamp(min=floor * float(data_trace / n))
+    lam = (1 - shrinkage) * lam + shrinkage * (weight * lam).sum() / n
+    lam = lam**power
+    target = data_trace if scale == "data" else n
+    return lam * (target / (weight * lam).sum())
+
+
+def dct_matrix(size: int) -> Tensor:
+    """The orthonormal DCT-II matrix D (size, size), float64: X = D x, D[k, i] = c_k cos(pi (2 i + 1) k / (2 size)).
+
+    Written out because torch.fft has no DCT; it equals scipy.fft.dct(eye, norm="ortho", axis=0).
+    """
+    k = torch.arange(size, dtype=torch.float64)[:, None]
+    i = torch.arange(size, dtype=torch.float64)[None, :]
+    d = torch.cos(math.pi * (2 * i + 1) * k / (2 * size)) * math.sqrt(2.0 / size)
+    d[0] /= math.sqrt(2.0)
+    return d
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Streaming statistics (written here: torch has no streaming covariance)
+
+
+class StreamingMoments:
+    """Count, mean and centred scatter sum_i (x_i - mean)(x_i - mean)^T of feature rows (B, ...), batch by batch.
+
+    Batches merge as in Chan et al. 1979: the scatter of the union is that of each part plus
+    n_a n_b / n (mean_b - mean_a)(...)^T, so each batch hands ``absorb`` its centred rows plus one
+    correction row sqrt(n_a n_b / n) (mean_b - mean_a); any sum of outer products of those rows is
+    then exact. ``absorb=None`` keeps the mean only.
+    """
+
+    def __init__(self, absorb: Callable[[Tensor], None] | None = None) -> None:
+        self.absorb = absorb
+        self.count = 0
+        self.mean: Tensor | None = None
+
+    def update(self, rows: Tensor) -> None:
+        """Add rows (B, ...) in float64."""
+        b = rows.shape[0]
+        batch_mean = rows.mean(0)
+        n = self.count + b
+        if self.absorb is not None:
+            centred = rows - batch_mean
+            if self.count:
+                correction = math.sqrt(self.count * b / n) * (batch_mean - self.mean)
+                centred = torch.cat([centred, correction[None]])
+            self.absorb(centred)
+        self.mean = batch_mean if self.mean is None else self.mean + (batch_mean - self.mean) * (b / n)
+        self.count = n
+
+
+class DenseScatter:
+    """The exact scatter matrix sum r r^T (n, n) of absorbed rows (B, n), float64."""
+
+    def __init__(self, dim: int, device: torch.device) -> None:
+        self.matrix = torch.zeros(dim, dim, dtype=torch.float64, device=device)
+
+    def absorb(self, rows: Tensor) -> None:
+        self.matrix.addmm_(rows.T, rows)
+
+    def top(self, k: int) -> tuple[Tensor, Tensor, Tensor]:
+        """(top-k eigenvalues descending (k,), eigenvectors (n, k), trace) of the scatter."""
+        lam, vec = torch.linalg.eigh(self.matrix)
+        return lam.flip(0)[:k], vec.flip(1)[:, :k], self.matrix.trace()
+
+
+class NystromScatter:
+    """A one-pass Nystrom sketch Y = S Omega (n, ell) of the scatter S (Tropp, Yurtsever, Udell & Cevher 2017, Alg. 3).
+
+    Omega is an orthonormalised Gaussian from a fixed seed, so a fit stays a function of the data
+    alone. top-k eigenpairs come from S ~ Y_nu (Omega^T Y_nu)^{-1} Y_nu^T with Y_nu = Y + nu Omega, nu a
+    tiny shift for stability (the Cholesky factor there is of the small ell x ell core, not of C); the
+    trace is kept exactly. Memory and cost O(n ell) per row. Used by the low-rank noise where an (n, n)
+    scatter would not fit; it underestimates the k-th eigenvalue when the spectrum decays slowly.
+    """
+
+    def __init__(self, dim: int, ell: int, device: torch.device) -> None:
+        gaussian = torch.randn(dim, ell, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+        self.test_matrix = torch.linalg.qr(gaussian)[0].to(device)
+        self.sketch = torch.zeros(dim, ell, dtype=torch.float64, device=device)
+        self.trace = torch.zeros((), dtype=torch.float64, device=device)
+
+    def absorb(self, rows: Tensor) -> None:
+        self.sketch.addmm_(rows.T, rows @ self.test_matrix)
+        self.trace += rows.square().sum()
+
+    def top(self, k: int) -> tuple[Tensor, Tensor, Tensor]:
+        """(top-k eigenvalues descending (k,), eigenvectors (n, k), exact trace) of the sketched scatter."""
+        omega, y = self.test_matrix, self.sketch
+        nu = math.sqrt(y.shape[0]) * torch.finfo(torch.float64).eps * torch.linalg.matrix_norm(y)
+        y = y + nu * omega
+        core = omega.T @ y
+        factor = torch.linalg.cholesky((core + core.T) / 2)
+        u, sigma, _ = torch.linalg.svd(torch.linalg.solve_triangular(factor, y.T, upper=False).T, full_matrices=False)
+        return (sigma[:k].square() - nu).clamp(min=0), u[:, :k], self.trace
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Noise models
+
+
+def _check_shape(shape: Sequence[int]) -> tuple[int, int, int]:
+    dims = tuple(int(s) for s in shape)
+    if len(dims) != 3 or min(dims) < 1:
+        raise ConfigError(f"a noise model needs the sample shape (C, H, W) of positive ints, got {tuple(shape)}")
+    return dims  # type: ignore[return-value]
+
+
+class ShapedNoise(nn.Module):
+    """Noise eps = A z with covariance C = A A^T over images of ``shape`` (C, H, W); subclasses define A.
+
+    Fitted statistics are persistent float64 buffers whose shapes depend only on the constructor
+    arguments, so a fresh instance loads a checkpoint's ``state_dict`` without refitting.
+    """
+
+    name: ClassVar[str]
+    """The option of the ``noise`` config group (conf/noise/<name>.yaml)."""
+    isotropic: ClassVar[bool] = False
+    """True only for iid noise, C = I."""
+    has_statistics: ClassVar[bool] = False
+    """Whether C itself is fitted to data (else only the mean is, with ``center``)."""
+    knobs: ClassVar[tuple[str, ...]] = ("center",)
+    """Constructor arguments besides ``shape``: saved beside the statistics in :meth:`save`."""
+
+    mean: Tensor
+    fit_count: Tensor
+
+    def __init__(self, shape: Sequence[int], center: bool = False) -> None:
+        super().__init__()
+        self.shape = _check_shape(shape)
+        self.dim = math.prod(self.shape)
+        self.center = bool(center)
+        self.register_buffer("mean", torch.zeros(self.shape, dtype=torch.float64), persistent=self.center)
+        self.register_buffer("fit_count", torch.zeros((), dtype=torch.int64), persistent=self.requires_fit)
+        self._fitted = not self.requires_fit
+        self.register_load_state_dict_post_hook(_recheck_fitted)
+
+    @property
+    def option(self) -> str:
+        """How the user selected this noise, for messages: ``noise=<name>``."""
+        return f"noise={self.name}"
+
+    @property
+    def requires_fit(self) -> bool:
+        """Whether :meth:`fit` must see training data before the noise can be used."""
+        return self.has_statistics or self.center
+
+    @property
+    def fitted(self) -> bool:
+        """Whether the statistics are there (fitted, or loaded from a checkpoint)."""
+        return not self.requires_fit or int(self.fit_count) > 0
+
+    @property
+    def is_identity(self) -> bool:
+        """x = y: iid noise with no mean, where x0 clipping and pixel-space thresholds stay meaningful."""
+        return self.isotropic and not self.center
+
+    def config(self) -> dict[str, object]:
+        """The constructor arguments, JSON-serialisable."""
+        return {"shape": list(self.shape), **{k: getattr(self, k) for k in self.knobs}}
+
+    # -- the linear maps ---------------------------------------------------------------------------------------
+
+    def _ready(self, x: Tensor) -> None:
+        if tuple(x.shape[1:]) != self.shape:
+            raise ValueError(f"{self.option} was built for samples of shape {self.shape}, got a batch {tuple(x.shape)}")
+        if not self._fitted:  # reads the buffer once (a device sync), not on every call
+            if not self.fitted:
+                raise RuntimeError(
+                    f"{self.option} is not fitted: call fit(batches) on the training data, or load its state"
+                )
+            self._fitted = True
+
+    def color(self, z: Tensor) -> Tensor:
+        """eps = A z for z (B, C, H, W); computed in float64, returned in z's dtype."""
+        self._ready(z)
+        return self._color(z.double()).to(z.dtype)
+
+    def whiten(self, x: Tensor) -> Tensor:
+        """A^{-1} x for x (B, C, H, W) (linear, no mean); computed in float64, returned in x's dtype."""
+        self._ready(x)
+        return self._whiten(x.double()).to(x.dtype)
+
+    def to_data(self, y0: Tensor) -> Tensor:
+        """x = A y + mu: whitened samples (B, C, H, W) back to data space."""
+        x = self.color(y0)
+        return x + self.mean.to(x.dtype) if self.center else x
+
+    def from_data(self, x0: Tensor) -> Tensor:
+        """y = A^{-1} (x - mu): data (B, C, H, W) to whitened coordinates."""
+        return self.whiten(x0 - self.mean.to(x0.dtype) if self.center else x0)
+
+    def _color(self, z: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def _whiten(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def covariance(self) -> Tensor:
+        """The model's C (n, n), float64, built from its parameters (not by calling :meth:`color`)."""
+        raise NotImplementedError
+
+    def log_abs_det(self) -> Tensor:
+        """log abs det A (float64 scalar): the change of volume between x and y, for likelihoods in x-space."""
+        raise NotImplementedError
+
+    # -- fitting -----------------------------------------------------------------------------------------------
+
+    def check_num_samples(self, num_samples: int) -> None:
+        """Refuse a fit on too few samples (ConfigError), so a caller can check before any training starts."""
+        if self.requires_fit and num_samples < 2:
+            raise ConfigError(f"{self.option} is fitted to the training data and needs >= 2 samples, got {num_samples}")
+
+    def fit(self, batches: Iterable[Tensor]) -> ShapedNoise:
+        """Fit mu (with ``center``) and C's statistics on image batches (B, C, H, W), in one float64 pass; returns self.
+
+        A pure function of the batches: the same images in the same batches give bit-identical
+        statistics (fit on one process, then broadcast the buffers). A noise with nothing to fit
+        returns at once without reading ``batches``.
+        """
+        if not self.requires_fit:
+            return self
+        device = self.mean.device
+        scatter = self._new_scatter(device) if self.has_statistics else None
+        moments = StreamingMoments(None if scatter is None else scatter.absorb)
+        for x in batches:
+            if tuple(x.shape[1:]) != self.shape:
+                raise ConfigError(
+                    f"{self.option} was built for images of shape {self.shape}, the data gives {tuple(x.shape[1:])}"
+                )
+            moments.update(self._features(x.detach().to(device=device, dtype=torch.float64)))
+        self.check_num_samples(moments.count)
+        with torch.no_grad():
+            if self.center:
+                self.mean.copy_(self._pixels(moments.mean))
+            if scatter is not None:
+                self._set_statistics(scatter, moments.count)
+            self.fit_count.fill_(moments.count)
+        self._fitted = True
+        return self
+
+    def _features(self, x: Tensor) -> Tensor:
+        """The rows whose scatter the fit accumulates, from images (B, C, H, W)."""
+        return x
+
+    def _pixels(self, features: Tensor) -> Tensor:
+        """The image (C, H, W) of one feature row (the inverse of :meth:`_features`)."""
+        return features
+
+    def _new_scatter(self, device: torch.device) -> DenseScatter | NystromScatter | SpectralScatter:
+        raise NotImplementedError
+
+    def _set_statistics(self, scatter: DenseScatter | NystromScatter | SpectralScatter, count: int) -> None:
+        raise NotImplementedError
+
+    # -- guards and persistence --------------------------------------------------------------------------------
+
+    def check_clipping(self, option: str, enabled: bool) -> None:
+        """Refuse x0 clipping / dynamic thresholding (config key ``option``) unless x-space is y-space (plain iid)."""
+        if enabled and not self.is_identity:
+            what = f"{self.option} with noise.center=true" if self.isotropic else self.option
+            raise ConfigError(
+                f"{option} cannot be used with {what}: samplers then run on whitened y = A^-1 (x - mu), where "
+                f"a [-1, 1] clip of x0 has no meaning; set {option}=false, or use noise=iid"
+            )
+
+    def save(self, path: str | Path) -> Path:
+        """Write the statistics and constructor arguments to a safetensors file (e.g. <run dir>/noise.safetensors)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        save_file(tensors, str(path), metadata={"noise": self.name, "config": json.dumps(self.config())})
+        return path
+
+    def load(self, path: str | Path) -> ShapedNoise:
+        """Load statistics saved by :meth:`save` into this instance, refusing a file of another noise or config."""
+        name, config = _read_metadata(path)
+        if name != self.name or config != self.config():
+            raise ConfigError(f"{path} holds noise={name} with {config}, not {self.option} with {self.config()}")
+        self.load_state_dict({k: v.to(self.mean.device) for k, v in load_file(str(path)).items()})
+        return self
+
+
+def _recheck_fitted(module: ShapedNoise, incompatible_keys: object) -> None:
+    """After load_state_dict: the next use reads ``fit_count`` again (a module-level function, so modules pickle)."""
+    module._fitted = not module.requires_fit
+
+
+def _read_metadata(path: str | Path) -> tuple[str, dict[str, object]]:
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+    except Exception as err:
+        raise ConfigError(f"cannot read noise statistics {path}: {err}") from err
+    if "noise" not in meta or "config" not in meta:
+        raise ConfigError(f"{path} is not a difflab noise file (no noise/config metadata)")
+    return meta["noise"], json.loads(meta["config"])
+
+
+def load_noise(path: str | Path) -> ShapedNoise:
+    """Rebuild the noise saved by :meth:`ShapedNoise.save` from the file alone."""
+    name, config = _read_metadata(path)
+    if name not in NOISES:
+        raise ConfigError(f"{path} holds unknown noise={name}; known: {', '.join(NOISES)}")
+    return NOISES[name](**config).load(path)
+
+
+class IIDNoise(ShapedNoise):
+    """eps = z ~ N(0, I), standard DDPM: ``color`` returns z itself, so runs stay bit-identical."""
+
+    name = "iid"
+    isotropic = True
+
+    def color(self, z: Tensor) -> Tensor:
+        """eps = z: the very tensor (no copy, no cast)."""
+        self._ready(z)
+        return z
+
+    def whiten(self, x: Tensor) -> Tensor:
+        """x itself."""
+        self._ready(x)
+        return x
+
+    def covariance(self) -> Tensor:
+        return torch.eye(self.dim, dtype=torch.float64, device=self.mean.device)
+
+    def log_abs_det(self) -> Tensor:
+        return torch.zeros((), dtype=torch.float64, device=self.mean.device)
+
+
+class OffsetNoise(ShapedNoise):
+    """Offset noise in its exact linear form: C = I + c^2 1 1^T per channel, A its symmetric square root.
+
+    With P the per-channel spatial mean (a projection), A = I + a P, a = sqrt(1 + c^2 H W) - 1, and
+    A^{-1} = I + b P, b = 1 / sqrt(1 + c^2 H W) - 1: the same distribution as z + c w, w ~ N(0, 1) per
+    channel (Guttenberg 2023), but a function of z alone, as whitening needs. No fit, O(n) per sample.
+    """
+
+    name = "offset"
+    knobs = ("strength", "center")
+
+    def __init__(self, shape: Sequence[int], strength: float = 0.1, center: bool = False) -> None:
+        if not (isinstance(strength, (int, float)) and math.isfinite(strength) and strength >= 0):
+            raise ConfigError(f"noise.strength (offset noise c) must be a finite number >= 0, got {strength!r}")
+        super().__init__(shape, center)
+        self.strength = float(strength)
+        self.gain = math.sqrt(1 + self.strength**2 * self.shape[1] * self.shape[2])  # A's eigenvalue on constants
+
+    def _color(self, z: Tensor) -> Tensor:
+        return z + (self.gain - 1) * z.mean((-2, -1), keepdim=True)
+
+    def _whiten(self, x: Tensor) -> Tensor:
+        return x + (1 / self.gain - 1) * x.mean((-2, -1), keepdim=True)
+
+    def covariance(self) -> Tensor:
+        c, h, w = self.shape
+        block = torch.eye(h * w, dtype=torch.float64) + self.strength**2
+        return torch.block_diag(*[block] * c).to(self.mean.device)
+
+    def log_abs_det(self) -> Tensor:
+        return torch.tensor(self.shape[0] * math.log(self.gain), dtype=torch.float64, device=self.mean.device)
+
+
+class FittedNoise(ShapedNoise):
+    """A noise whose spectrum comes from the data's covariance through :func:`shape_spectrum`'s knobs."""
+
+    has_statistics = True
+    knobs = ("floor", "shrinkage", "power", "scale", "center")
+
+    def __init__(
+        self,
+        shape: Sequence[int],
+        floor: float = 1e-2,
+        shrinkage: float = 0.0,
+        power: float = 1.0,
+        scale: Scale = "data",
+        center: bool = True,
+    ) -> None:
+        for knob, value, positive in (("floor", floor, True), ("shrinkage", shrinkage, False), ("power", power, False)):
+            if not (isinstance(value, (int, float)) and (value > 0 if positive else value >= 0) and value <= 1):
+                raise ConfigError(f"noise.{knob} must lie in {'(0' if positive else '[0'}, 1], got {value!r}")
+        if scale not in SCALES:
+            raise ConfigError(f"noise.scale must be one of {', '.join(SCALES)}, got {scale!r}")
+        super().__init__(shape, center)
+        self.floor, self.shrinkage, self.power, self.scale = float(floor), float(shrinkage), float(power), scale
+
+    def _spectrum(self, eigenvalues: Tensor, multiplicity: Tensor | None = None) -> Tensor:
+        return shape_spectrum(eigenvalues, self.floor, self.shrinkage, self.power, self.scale, multiplicity)
+
+
+class CovarianceNoise(FittedNoise):
+    """Dense C fitted to the data: C = V Lambda V^T (eigh), A = V Lambda^{1/2} V^T; O(n^2) per sample, n <= 4096."""
+
+    name = "covariance"
+    eigenvectors: Tensor
+    eigenvalues: Tensor
+
+    def __init__(self, shape: Sequence[int], **spectrum_knobs: object) -> None:
+        super().__init__(shape, **spectrum_knobs)  # type: ignore[arg-type]
+        if self.dim > DENSE_MAX_DIM:
+            raise ConfigError(
+                f"noise=covariance is dense and takes at most {DENSE_MAX_DIM} dimensions; samples of shape "
+                f"{self.shape} have {self.dim}: use noise=lowrank or noise=spectral, or a lower resolution"
+            )
+        self.register_buffer("eigenvectors", torch.eye(self.dim, dtype=torch.float64))
+        self.register_buffer("eigenvalues", torch.ones(self.dim, dtype=torch.float64))
+
+    def check_num_samples(self, num_samples: int) -> None:
+        need = DENSE_MIN_SAMPLES_PER_DIM * self.dim
+        if num_samples < need:
+            raise ConfigError(
+                f"noise=covariance fits a dense {self.dim} x {self.dim} covariance and needs >= "
+                f"{DENSE_MIN_SAMPLES_PER_DIM} n = {need} training samples (n = {self.dim} for shape {self.shape}), "
+                f"got {num_samples}: use noise=lowrank or noise=spectral, or a lower dataset.resolution"
+            )
+
+    def _features(self, x: Tensor) -> Tensor:
+        return x.flatten(1)
+
+    def _pixels(self, features: Tensor) -> Tensor:
+        return features.view(self.shape)
+
+    def _new_scatter(self, device: torch.device) -> DenseScatter:
+        return DenseScatter(self.dim, device)
+
+    def _set_statistics(self, scatter: DenseScatter, count: int) -> None:
+        lam, vec, _ = scatter.top(self.dim)
+        self.eigenvectors.copy_(vec)
+        self.eigenvalues.copy_(self._spectrum(lam / (count - 1)))
+
+    def _apply_root(self, x: Tensor, exponent: float) -> Tensor:
+        v = self.eigenvectors
+        return ((x.flatten(1) @ v) * self.eigenvalues.pow(exponent) @ v.T).view(x.shape)
+
+    def _color(self, z: Tensor) -> Tensor:
+        return self._apply_root(z, 0.5)
+
+    def _whiten(self, x: Tensor) -> Tensor:
+        return self._apply_root(x, -0.5)
+
+    def covariance(self) -> Tensor:
+        return (self.eigenvectors * self.eigenvalues) @ self.eigenvectors.T
+
+    def log_abs_det(self) -> Tensor:
+        return 0.5 * self.eigenvalues.log().sum()
+
+
+class LowRankNoise(FittedNoise):
+    """Top-k PCA plus an isotropic floor: C = lambda_c I + V_k (Lambda_k - lambda_c) V_k^T, never formed as (n, n).
+
+    lambda_c is the mean data variance outside the top-k subspace (probabilistic PCA, Tipping & Bishop
+    1999), so tr C = tr Sigma before the knobs. A = sqrt(lambda_c) I + V_k (Lambda_k^{1/2} - sqrt(lambda_c)) V_k^T:
+    O(n k) per sample. The fit uses the exact (n, n) scatter up to ``max_exact_dim`` dimensions, and
+    above it a one-pass Nystrom sketch of ell = 8 k columns (:class:`NystromScatter`).
+    """
+
+    name = "lowrank"
+    knobs = ("rank", *FittedNoise.knobs, "max_exact_dim")
+    basis: Tensor
+    eigenvalues: Tensor
+    complement: Tensor
+
+    def __init__(
+        self, shape: Sequence[int], rank: int = 16, max_exact_dim: int = DENSE_MAX_DIM, **spectrum_knobs: object
+    ) -> None:
+        super().__init__(shape, **spectrum_knobs)  # type: ignore[arg-type]
+        if not (isinstance(rank, int) and 1 <= rank < self.dim):
+            raise ConfigError(
+                f"noise.rank must be an integer in [1, {self.dim - 1}] for samples of shape {self.shape}, got {rank!r}"
+            )
+        self.rank, self.max_exact_dim = rank, int(max_exact_dim)
+        self.register_buffer("basis", torch.eye(self.dim, rank, dtype=torch.float64))
+        self.register_buffer("eigenvalues", torch.ones(rank, dtype=torch.float64))
+        self.register_buffer("complement", torch.ones((), dtype=torch.float64))
+
+    def check_num_samples(self, num_samples: int) -> None:
+        if num_samples <= self.rank:
+            raise ConfigError(
+                f"noise=lowrank with noise.rank={self.rank} needs more than {self.rank} training samples, "
+                f"got {num_samples}"
+            )
+
+    def _features(self, x: Tensor) -> Tensor:
+        return x.flatten(1)
+
+    def _pixels(self, features: Tensor) -> Tensor:
+        return features.view(self.shape)
+
+    def _new_scatter(self, device: torch.device) -> DenseScatter | NystromScatter:
+        if self.dim <= self.max_exact_dim:
+            return DenseScatter(self.dim, device)
+        return NystromScatter(self.dim, min(self.dim, 8 * self.rank), device)
+
+    def _set_statistics(self, scatter: DenseScatter | NystromScatter, count: int) -> None:
+        lam, vec, trace = scatter.top(self.rank)
+        k, n = self.rank, self.dim
+        rest = ((trace - lam.sum()) / (n - k)).clamp(min=0)
+        spectrum = self._spectrum(torch.cat([lam, rest[None]]) / (count - 1),
+                                  torch.tensor([1.0] * k + [n - k], dtype=torch.float64, device=lam.device))
+        self.basis.copy_(vec)
+        self.eigenvalues.copy_(spectrum[:k])
+        self.complement.copy_(spectrum[k])
+
+    def _apply_root(self, x: Tensor, exponent: float) -> Tensor:
+        flat, v = x.flatten(1), self.basis
+        gain = self.eigenvalues.pow(exponent) - self.complement.pow(exponent)
+        return (self.complement.pow(exponent) * flat + ((flat @ v) * gain) @ v.T).view(x.shape)
+
+    def _color(self, z: Tensor) -> Tensor:
+        return self._apply_root(z, 0.5)
+
+    def _whiten(self, x: Tensor) -> Tensor:
+        return self._apply_root(x, -0.5)
+
+    def covariance(self) -> Tensor:
+        v = self.basis
+        eye = torch.eye(self.dim, dtype=torch.float64, device=v.device)
+        return self.complement * eye + (v * (self.eigenvalues - self.complement)) @ v.T
+
+    def log_abs_det(self) -> Tensor:
+        return 0.5 * (self.eigenvalues.log().sum() + (self.dim - self.rank) * self.complement.log())
+
+
+class SpectralScatter:
+    """Per-frequency colour scatter sum r_c(f) r_d(f) (C, C, H, W) of absorbed DCT rows (B, C, H, W), float64."""
+
+    def __init__(self, shape: tuple[int, int, int], device: torch.device) -> None:
+        c, h, w = shape
+        self.matrix = torch.zeros(c, c, h, w, dtype=torch.float64, device=device)
+
+    def absorb(self, rows: Tensor) -> None:
+        # per colour channel c: sum_b r_c r_d, (C, H, W); memory of one batch (an einsum here ran 100x slower on CPU)
+        self.matrix += torch.stack([(rows[:, c : c + 1] * rows).sum(0) for c in range(rows.shape[1])])
+
+
+def _mix_channels(x: Tensor, u: Tensor) -> Tensor:
+    """y_k = sum_c u[c, k] x_c for images x (B, C, H, W): the colour transform U^T at every pixel."""
+    return (x.movedim(1, -1) @ u).movedim(-1, 1).contiguous()
+
+
+class SpectralNoise(FittedNoise):
+    """Colour PCA x 2-D DCT basis with a diagonal spectrum: C = T^T diag(lambda) T, T = U^T (x) D_H (x) D_W.
+
+    U (C, C) are the eigenvectors of the pixel-averaged colour covariance (1 x 1 for gray) and D the
+    orthonormal DCT-II matrices; lambda (C, H, W) is the data's variance of each (colour component,
+    frequency) coefficient, through the knobs. Natural images are nearly stationary, so this basis
+    nearly diagonalises their covariance: 9 + 3 H W parameters, O(n (H + W)) per sample, any resolution.
+    """
+
+    name = "spectral"
+    color_basis: Tensor
+    variances: Tensor
+    dct_h: Tensor
+    dct_w: Tensor
+
+    def __init__(self, shape: Sequence[int], **spectrum_knobs: object) -> None:
+        super().__init__(shape, **spectrum_knobs)  # type: ignore[arg-type]
+        c, h, w = self.shape
+        self.register_buffer("color_basis", torch.eye(c, dtype=torch.float64))
+        self.register_buffer("variances", torch.ones(self.shape, dtype=torch.float64))
+        self.register_buffer("dct_h", dct_matrix(h), persistent=False)
+        self.register_buffer("dct_w", dct_matrix(w), persistent=False)
+
+    def _features(self, x: Tensor) -> Tensor:
+        """The 2-D DCT of each channel, (B, C, H, W): D_H x D_W^T."""
+        return self.dct_h @ x @ self.dct_w.T
+
+    def _pixels(self, features: Tensor) -> Tensor:
+        return self.dct_h.T @ features @ self.dct_w
+
+    def _new_scatter(self, device: torch.device) -> SpectralScatter:
+        return SpectralScatter(self.shape, device)
+
+    def _set_statistics(self, scatter: SpectralScatter, count: int) -> None:
+        cov = scatter.matrix / (count - 1)  # Cov(X_c(f), X_d(f)) for every frequency f
+        _, u = torch.linalg.eigh(cov.mean((-2, -1)))  # pixel-averaged colour covariance (Parseval)
+        u = u.flip(1)  # first component the largest
+        self.color_basis.copy_(u)
+        self.variances.copy_(self._spectrum(torch.einsum("ck,cdhw,dk->khw", u, cov, u)))
+
+    def _apply_root(self, x: Tensor, exponent: float) -> Tensor:
+        u = self.color_basis
+        coeffs = self.dct_h @ _mix_channels(x, u) @ self.dct_w.T  # U^T per pixel, then D_H . D_W^T per channel
+        coeffs = coeffs * self.variances.pow(exponent)
+        return _mix_channels(self.dct_h.T @ coeffs @ self.dct_w, u.T)
+
+    def _color(self, z: Tensor) -> Tensor:
+        return self._apply_root(z, 0.5)
+
+    def _whiten(self, x: Tensor) -> Tensor:
+        return self._apply_root(x, -0.5)
+
+    def transform(self) -> Tensor:
+        """T = U^T (x) D_H (x) D_W (n, n), orthogonal: the coefficients of a flattened image are T x."""
+        return torch.kron(self.color_basis.T.contiguous(), torch.kron(self.dct_h, self.dct_w))
+
+    def covariance(self) -> Tensor:
+        t = self.transform()
+        return (t.T * self.variances.flatten()) @ t
+
+    def log_abs_det(self) -> Tensor:
+        return 0.5 * self.variances.log().sum()
+
+
+NOISES: dict[str, type[ShapedNoise]] = {
+    cls.name: cls for cls in (IIDNoise, OffsetNoise, CovarianceNoise, LowRankNoise, SpectralNoise)
+}
+"""Every noise model by its option name in the ``noise`` config group."""
