@@ -114,8 +114,8 @@ class Evaluation(L.Callback):
     def on_train_batch_end(self, trainer: L.Trainer, module: DiffusionModule, *args: Any) -> None:
         if trainer.global_step % self.every_n_steps == 0:
             values = self.evaluate(trainer, module)
-            if values is not None:  # into the callback metrics, for ModelCheckpoint(monitor="eval/fid")
-                module.log_dict(values, logger=False, prog_bar=True)
+            for name, value in (values or {}).items():  # into the callback metrics, for ModelCheckpoint(monitor=...)
+                module.log(name, value, logger=False, prog_bar=name == "eval/fid")
 
     def on_train_end(self, trainer: L.Trainer, module: DiffusionModule) -> None:
         if 0 < trainer.max_steps and trainer.global_step < trainer.max_steps:
