@@ -2,8 +2,8 @@
 
 Reads every job's ``results.json`` and ``.hydra/overrides.yaml`` under a Hydra multirun dir
 (``python evaluate.py -m ...``), writes ``summary.md``, ``summary.csv`` and ``summary.png``
-(each metric against the number of sampler steps, one line per remaining combination, e.g.
-sampler x guidance scale) into that dir, and prints the markdown table. A job without
+(FID, KID and seconds per image against the number of sampler steps, one line per remaining
+combination, e.g. sampler x guidance scale) into that dir, and prints the markdown table. A job without
 ``results.json`` (failed, or still running) is reported and left out.
 
 Results JSON schema (``<run dir>/results.json``, written by evaluate.py; ``schema`` = 1)::
@@ -46,7 +46,8 @@ METRIC_ORDER = ("fid", "kid_mean", "kid_std", "nll_bpd")
 CORE = ("sampler", "num_steps", "guidance_scale")
 """Columns every row has, from the results; overrides that set them (sampler.num_steps, ...) are not repeated."""
 COVERED_OVERRIDES = ("sampler", "sampler.num_steps", "guidance_scale")
-PLOTTED = ("fid", "kid_mean", "nll_bpd")
+PLOTTED = ("fid", "kid_mean", "seconds_per_image")
+"""The panels of summary.png, those present (nll_bpd does not depend on the sampler: it is in the table only)."""
 
 
 def read_overrides(job_dir: Path) -> dict[str, str]:
@@ -122,7 +123,7 @@ def markdown(header: list[str], body: list[list[Any]]) -> str:
 
 
 def plot(rows: list[dict[str, Any]], header: list[str], path: Path) -> Path | None:
-    """Each plotted metric (fid, kid_mean, nll_bpd: those present) against num_steps, a line per group; None if none."""
+    """Each of PLOTTED that the table has against num_steps, a line per group (log-log); None if none."""
     from matplotlib.figure import Figure  # the object API renders with Agg, no display or pyplot state
 
     metrics = [m for m in PLOTTED if m in header]
@@ -136,10 +137,13 @@ def plot(rows: list[dict[str, Any]], header: list[str], path: Path) -> Path | No
         groups.setdefault(_group(row, varying), []).append(row)
     for ax, metric in zip(axes, metrics):
         for label, members in sorted(groups.items()):
-            points = sorted((r["num_steps"], r["metrics"][metric]) for r in members if r["metrics"].get(metric) is not None)
+            values = [(r["num_steps"], r["metrics"].get(metric, r.get(metric))) for r in members]
+            points = sorted((steps, value) for steps, value in values if value is not None)
             if points:
                 ax.plot(*zip(*points), marker="o", label=label)
         ax.set_xscale("log")
+        if metric == "seconds_per_image":
+            ax.set_yscale("log")
         ax.set_xlabel("sampler steps")
         ax.set_ylabel(metric)
         ax.grid(True, alpha=0.3)
