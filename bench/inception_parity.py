@@ -79,8 +79,9 @@ A_NAMES = {"conv": "branch1x1", "tower.conv": "branch5x5_1", "tower.conv_1": "br
            "tower_2.conv": "branch_pool"}
 B_NAMES = {"conv": "branch3x3", "tower.conv": "branch3x3dbl_1", "tower.conv_1": "branch3x3dbl_2",
            "tower.conv_2": "branch3x3dbl_3"}
-C_NAMES = {"conv": "branch1x1", "tower.conv": "branch7x7_1", "tower.conv_1": "branch7x7_2", "tower.conv_2": "branch7x7_3",
-           "tower_1.conv": "branch7x7dbl_1", "tower_1.conv_1": "branch7x7dbl_2", "tower_1.conv_2": "branch7x7dbl_3",
+C_NAMES = {"conv": "branch1x1", "tower.conv": "branch7x7_1", "tower.conv_1": "branch7x7_2",
+           "tower.conv_2": "branch7x7_3", "tower_1.conv": "branch7x7dbl_1", "tower_1.conv_1": "branch7x7dbl_2",
+           "tower_1.conv_2": "branch7x7dbl_3",
            "tower_1.conv_3": "branch7x7dbl_4", "tower_1.conv_4": "branch7x7dbl_5", "tower_2.conv": "branch_pool"}
 D_NAMES = {"tower.conv": "branch3x3_1", "tower.conv_1": "branch3x3_2", "tower_1.conv": "branch7x7x3_1",
            "tower_1.conv_1": "branch7x7x3_2", "tower_1.conv_2": "branch7x7x3_3", "tower_1.conv_3": "branch7x7x3_4"}
@@ -180,7 +181,8 @@ def main() -> None:
                    id(E_NAMES): "tower_2_pool"}
     pools = {b: pool_kind(submodule(getattr(layers, b), pool_module[id(BLOCKS[b][2])]).code) for b in BLOCKS}
     wrong = {b: (k, BLOCKS[b][3]) for b, k in pools.items() if k != BLOCKS[b][3]}
-    print(f"4. pools: stem {pool_kind(layers.pool0.code)}, {pool_kind(layers.pool1.code)}; mixed blocks as pytorch-fid: "
+    print(f"4. pools: stem {pool_kind(layers.pool0.code)}, {pool_kind(layers.pool1.code)}; "
+          f"mixed blocks as pytorch-fid: "
           f"{'yes' if not wrong else wrong}; final: {layers.pool2.code.strip().splitlines()[-2].strip()}")
 
     order_ok = []

@@ -204,7 +204,8 @@ def test_summarize_aggregates_a_2x2_sweep_into_a_4_row_table(tmp_path, capsys):
     grid = list(product([10, 25], [1.0, 3.0]))
     for job, (steps, scale) in enumerate(grid):
         _write_job(tmp_path / str(job), ["sampler=ddim", f"sampler.num_steps={steps}", f"guidance_scale={scale:g}"], {
-            "schema": 1, "ckpt": "run/checkpoints/last.ckpt", "sampler": {"name": "ddim", "num_steps": steps, "eta": 0.0},
+            "schema": 1, "ckpt": "run/checkpoints/last.ckpt",
+            "sampler": {"name": "ddim", "num_steps": steps, "eta": 0.0},
             "num_steps": steps, "guidance_scale": scale, "num_samples": 100, "seed": 0,
             "features": {"name": "classifier", "fingerprint": "x"},
             "metrics": {"fid": 10.0 / steps + scale, "kid_mean": 0.01 * scale, "kid_std": 0.001, "nll_bpd": 2.0},
@@ -217,14 +218,16 @@ def test_summarize_aggregates_a_2x2_sweep_into_a_4_row_table(tmp_path, capsys):
 
     lines = (tmp_path / "summary.md").read_text().splitlines()
     assert len(lines) == 2 + 4 and out.out.startswith("\n".join(lines))
-    assert lines[0] == "| job | sampler | num_steps | guidance_scale | fid | kid_mean | kid_std | nll_bpd | seconds | seconds_per_image |"
+    columns = "job sampler num_steps guidance_scale fid kid_mean kid_std nll_bpd seconds seconds_per_image"
+    assert lines[0] == "| " + " | ".join(columns.split()) + " |"
     with open(tmp_path / "summary.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 4
-    assert [(int(r["num_steps"]), float(r["guidance_scale"])) for r in rows] == [(10, 1.0), (25, 1.0), (10, 3.0), (25, 3.0)]
+    grid_order = [(10, 1.0), (25, 1.0), (10, 3.0), (25, 3.0)]  # a line (guidance scale) at a time, by steps
+    assert [(int(r["num_steps"]), float(r["guidance_scale"])) for r in rows] == grid_order
     assert [float(r["fid"]) for r in rows] == [2.0, 1.4, 4.0, 3.4]
     with Image.open(tmp_path / "summary.png") as png:
-        assert png.format == "PNG" and png.size[0] > png.size[1] > 100  # fid, kid_mean and seconds per image side by side
+        assert png.format == "PNG" and png.size[0] > png.size[1] > 100  # fid, kid_mean, seconds per image in a row
 
 
 def _eval_overrides(feature_run: Path, tmp_path: Path) -> list[str]:

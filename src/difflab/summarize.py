@@ -19,7 +19,7 @@ Results JSON schema (``<run dir>/results.json``, written by evaluate.py; ``schem
       "seed": 0,
       "features": {"name": "classifier", "fingerprint": "ClassifierFeatures/v1 ..."},  # null without fid/kid
       "metrics": {"fid": 2.31, "kid_mean": 0.0012, "kid_std": 0.0003, "kid_subset_size": 1000, "nll_bpd": 1.87},
-                        # only the metrics asked for (metrics=[fid,kid,nll]); kid gives kid_mean, kid_std, kid_subset_size
+                        # the metrics asked for (metrics=[fid,kid,nll]); kid gives kid_mean, kid_std, kid_subset_size
       "seconds": 41.2,  # wall-clock seconds spent sampling the num_samples images (not features or NLL)
       "seconds_per_image": 0.0412
     }
@@ -63,7 +63,7 @@ def read_overrides(job_dir: Path) -> dict[str, str]:
 
 
 def collect(sweep_dir: Path) -> tuple[list[dict[str, Any]], list[Path]]:
-    """(rows, jobs without results): one row per job with results.json, keyed by the job dir relative to ``sweep_dir``."""
+    """(rows, jobs without results): a row per job with results.json, named by its dir relative to ``sweep_dir``."""
     job_dirs = {p.parent.parent for p in sweep_dir.rglob("overrides.yaml") if p.parent.name == ".hydra"}
     job_dirs |= {p.parent for p in sweep_dir.rglob(RESULTS_FILE)}
     rows, missing = [], []
@@ -153,7 +153,7 @@ def plot(rows: list[dict[str, Any]], header: list[str], path: Path) -> Path | No
 
 
 def summarize(sweep_dir: str | Path) -> dict[str, Any]:
-    """Write summary.md, summary.csv and summary.png into ``sweep_dir``; returns the paths, header, body and missing jobs."""
+    """Write summary.md, summary.csv and summary.png into ``sweep_dir``; returns paths, header, body, missing jobs."""
     sweep_dir = Path(sweep_dir)
     if not sweep_dir.is_dir():
         raise FileNotFoundError(f"{sweep_dir} is not a directory: give the multirun dir of an evaluation sweep")

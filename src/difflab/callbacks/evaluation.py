@@ -18,7 +18,7 @@ METRICS = ("fid", "kid_mean", "kid_std")
 
 
 class Evaluation(L.Callback):
-    """Every ``every_n_steps`` optimizer steps and at the end of training, log ``eval/fid``, ``eval/kid_mean``, ``eval/kid_std``.
+    """Every ``every_n_steps`` optimizer steps and at the end, log ``eval/fid``, ``eval/kid_mean``, ``eval/kid_std``.
 
     The samples are those of SampleGrid's scheme: ``num_samples`` images of a fixed ``seed`` from
     the EMA weights (a class-conditional model: every class equally often, at ``guidance_scale``),
@@ -68,10 +68,10 @@ class Evaluation(L.Callback):
         self.reference = self._reference(trainer, module)
 
     def _reference(self, trainer: L.Trainer, module: DiffusionModule) -> torch.Tensor | None:
-        """The real images' features on rank 0 (None elsewhere): from the cache, or extracted by all ranks and cached."""
+        """The real images' features on rank 0 (None elsewhere): from the cache, else extracted by all ranks."""
         datamodule = trainer.datamodule
         if datamodule is None:
-            raise ValueError("the Evaluation callback takes its reference images from the fit's datamodule; none was given")
+            raise ValueError("the Evaluation callback takes its reference images from the fit's datamodule; none given")
         images = reference_images(datamodule, self.reference_split)
         source = {**dataset_description(datamodule), "split": self.reference_split}
         cache, manifest = ReferenceCache(self.cache_dir), reference_manifest(images, self.features, source)

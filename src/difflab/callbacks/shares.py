@@ -27,7 +27,7 @@ def rank_share(num_items: int, world_size: int, rank: int) -> tuple[int, int, in
 
 
 def gather_shares(trainer: L.Trainer, module: L.LightningModule, mine: Tensor, num_items: int) -> Tensor:
-    """Every rank's (share, ...) tensor (zero-padded) concatenated in rank order and trimmed: (num_items, ...) on CPU."""
+    """All ranks' (share, ...) tensors (zero-padded) joined in rank order and trimmed: (num_items, ...) on CPU."""
     if trainer.world_size > 1:
         mine = module.all_gather(mine.to(module.device)).reshape(-1, *mine.shape[1:])
     return mine[:num_items].cpu()

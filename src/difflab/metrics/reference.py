@@ -64,7 +64,8 @@ def reference_images(datamodule: Any, split: str = "train") -> Tensor:
         raise ValueError(f"reference split={split!r} is not one of {SPLITS}")
     if datamodule.train_set is None:
         datamodule.setup("fit")
-    parts = {"train": [datamodule.train_set], "val": [datamodule.val_set], "all": [datamodule.train_set, datamodule.val_set]}
+    train, val = datamodule.train_set, datamodule.val_set
+    parts = {"train": [train], "val": [val], "all": [train, val]}
     images = torch.cat([part.images for part in parts[split]])
     if images.shape[0] < 2:
         raise ValueError(f"the {split} split has {images.shape[0]} images; FID and KID need at least 2")
@@ -99,7 +100,7 @@ class ReferenceCache:
         return self.dir / f"{fingerprint(manifest)}.pt"
 
     def load(self, manifest: Mapping[str, Any]) -> Tensor | None:
-        """The cached features (M, d) for ``manifest``, or None when absent, unreadable or written for another manifest."""
+        """The cached features (M, d) for ``manifest``; None if absent, unreadable or written for another manifest."""
         path = self.path(manifest)
         if not path.is_file():
             return None
@@ -130,7 +131,7 @@ def reference_features(
     cache_dir: str | os.PathLike | None = None,
     batch_size: int = 64,
 ) -> Tensor:
-    """phi of the real images (M, C, H, W) -> (M, d) float64: from the cache when its manifest matches, else computed and cached.
+    """phi(real images (M, C, H, W)) -> (M, d) float64: cached if the manifest matches, else computed and cached.
 
     ``source`` describes where the images come from (:func:`dataset_description` plus the split).
     """
