@@ -3,6 +3,10 @@
 The network is a UNet encoder built from diffusers' blocks (Timesteps, TimestepEmbedding,
 DownBlock2D), pooled to class logits; it trains with cross-entropy on x_t = q_sample(x0, t, eps)
 at t ~ U{0..T-1} from the same schedule as the diffusion model it will guide.
+
+With ``noise_aware=False`` the same task trains on clean images only (t = 0, x_t = x0): the
+dataset's own classifier whose pooled features :class:`difflab.metrics.ClassifierFeatures` uses
+for FID and KID (``python train_classifier.py --config-name feature_classifier``).
 """
 
 from __future__ import annotations
@@ -39,23 +43,43 @@ class NoisyClassifier(nn.Module):
         self.norm = nn.GroupNorm(norm_num_groups, widths[-1])
         self.head = nn.Linear(widths[-1], num_classes)
 
-    def forward(self, x_t: Tensor, t: Tensor) -> Tensor:
-        """x_t (B, C, H, W), t (B,) long -> logits (B, num_classes)."""
+    @property
+    def num_features(self) -> int:
+        """Width of :meth:`features`, the pooled input of the class head."""
+        return self.head.in_features
+
+    def features(self, x_t: Tensor, t: Tensor) -> Tensor:
+        """x_t (B, C, H, W), t (B,) long -> the pooled penultimate features (B, num_features)."""
         temb = self.time_embedding(self.time_proj(t).to(x_t.dtype))
         h = self.conv_in(x_t)
         for block in self.blocks:
             h, _ = block(h, temb)
-        return self.head(F.silu(self.norm(h)).mean(dim=(2, 3)))
+        return F.silu(self.norm(h)).mean(dim=(2, 3))
+
+    def forward(self, x_t: Tensor, t: Tensor) -> Tensor:
+        """x_t (B, C, H, W), t (B,) long -> logits (B, num_classes)."""
+        return self.head(self.features(x_t, t))
 
 
 class ClassifierModule(L.LightningModule):
-    """Trains a NoisyClassifier with cross-entropy on noised images; logs accuracy on clean and noisy inputs."""
+    """Trains a NoisyClassifier with cross-entropy on noised images; logs accuracy on clean and noisy inputs.
 
-    def __init__(self, net: NoisyClassifier, schedule: NoiseSchedule, lr: float = 1e-3, weight_decay: float = 0.0) -> None:
+    ``noise_aware=False`` trains and validates at t = 0 on the clean images (a feature network for
+    FID / KID rather than a guide); such a classifier cannot guide sampling.
+    """
+
+    def __init__(
+        self, net: NoisyClassifier, schedule: NoiseSchedule, lr: float = 1e-3, weight_decay: float = 0.0,
+        noise_aware: bool = True,
+    ) -> None:
         super().__init__()
         self.net, self.schedule, self.lr, self.weight_decay = net, schedule, lr, weight_decay
+        self.noise_aware = noise_aware
 
     def _noisy(self, x0: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """(x_t, t) with t ~ U{0..T-1} and x_t = q_sample(x0, t, eps); (x0, 0) when not noise-aware."""
+        if not self.noise_aware:
+            return x0, torch.zeros(x0.shape[0], dtype=torch.long, device=x0.device)
         t = torch.randint(0, self.schedule.num_timesteps, (x0.shape[0],), device=x0.device, generator=generator)
         noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
         return self.schedule.q_sample(x0, t, noise), t

@@ -11,10 +11,14 @@ from PIL import Image
 from torch import Tensor
 
 
+def quantize(images: Tensor) -> Tensor:
+    """Model-space images in [-1, 1], (N, C, H, W) float -> the 8-bit pixels a PNG stores, (N, C, H, W) uint8."""
+    return ((images.detach().float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+
+
 def to_uint8(images: Tensor) -> np.ndarray:
     """Model-space images in [-1, 1], (N, C, H, W) float -> uint8 (N, H, W, C), guided-diffusion's convention."""
-    x = ((images.detach().float().cpu() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
-    return x.permute(0, 2, 3, 1).numpy()
+    return quantize(images.cpu()).permute(0, 2, 3, 1).numpy()
 
 
 def make_grid(images: np.ndarray, nrow: int | None = None, padding: int = 2) -> np.ndarray:

@@ -154,7 +154,7 @@ def train_classifier(cfg: DictConfig) -> dict[str, float]:
 
 def _fit(cfg: DictConfig, module: L.LightningModule, datamodule: L.LightningDataModule) -> dict[str, float]:
     ckpt_path = _resume_from(cfg)
-    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
+    callbacks = [_instantiate(c, f"callbacks.{name}") for name, c in (cfg.get("callbacks") or {}).items() if c]
     loggers = [_logger(c, Path(cfg.output_dir)) for c in (cfg.get("logger") or {}).values() if c]
     launch = launch_settings(cfg.trainer.get("strategy"))
     launch["plugins"] = [AtomicCheckpointIO(), *launch.get("plugins", [])]
@@ -172,7 +172,7 @@ def _fit(cfg: DictConfig, module: L.LightningModule, datamodule: L.LightningData
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     if trainer.is_global_zero:
-        _report_training(Path(cfg.output_dir), metrics, cfg.task_name)
+        _report_training(Path(cfg.output_dir), metrics, cfg)
     return metrics
 
 
@@ -256,16 +256,21 @@ def _show(path: Path) -> str:
         return str(path)
 
 
-def _report_training(run_dir: Path, metrics: dict[str, float], task_name: str) -> None:
+def _report_training(run_dir: Path, metrics: dict[str, float], cfg: DictConfig) -> None:
     grids = sorted((run_dir / "samples").glob("step_*.png"))
     lines = [f"run dir:     {_show(run_dir)}", f"checkpoint:  {_show(run_dir / 'checkpoints' / 'last.ckpt')}"]
     if grids:
         lines.append(f"samples:     {_show(grids[-1])}")
-    lines += [f"{k}: {v:.4f}" for k, v in sorted(metrics.items()) if k.startswith("val/")]
+    lines += [f"{k}: {v:.4f}" for k, v in sorted(metrics.items()) if k.startswith(("val/", "eval/"))]
     if _default_single_run():
         latest = _link_latest(run_dir)
         if latest:
-            use = f"python sample.py ckpt={_show(latest)}" if task_name == "train" else f"sample.py classifier={_show(latest)}"
+            if cfg.task_name == "train":
+                use = f"python sample.py ckpt={_show(latest)}"
+            elif cfg.classifier.get("noise_aware", True):
+                use = f"sample.py classifier={_show(latest)}"
+            else:
+                use = f"features=classifier features.path={_show(latest)}"
             lines.append(f"latest:      {_show(latest)} -> {run_dir.name} ({use})")
     print("\n".join(lines), flush=True)
 

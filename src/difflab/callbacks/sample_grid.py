@@ -7,10 +7,9 @@ from typing import Any
 
 import lightning as L
 import numpy as np
-import torch
 from torch import Tensor
 
-from difflab.guidance import balanced_labels
+from difflab.callbacks.shares import draw_share, fixed_labels, gather_shares
 from difflab.images import save_grid, to_uint8
 from difflab.module import DiffusionModule
 from difflab.samplers import Sampler
@@ -21,9 +20,8 @@ class SampleGrid(L.Callback):
 
     Uses the same ``DiffusionModule.generate`` as sample.py, with fixed noise; a class-conditional
     model gets fixed labels, one class per row (at ``guidance_scale``). Under DDP every rank draws
-    its share of the grid at once and rank 0 gathers and saves it: no rank waits in a collective
-    while another samples (the NCCL-timeout trap of diffusers #3886), and since sample i depends on
-    (seed, i) only, the grid is the same for any number of ranks.
+    its share of the grid at once and rank 0 saves it (:mod:`difflab.callbacks.shares`), so the
+    grid is the same for any number of ranks.
     """
 
     def __init__(
@@ -42,7 +40,7 @@ class SampleGrid(L.Callback):
         if step == self.last_step:
             return None
         self.last_step = step
-        labels = balanced_labels(module.num_classes, self.num_samples) if module.num_classes else None
+        labels = fixed_labels(module, self.num_samples)
         num_samples = self.num_samples if labels is None else len(labels)
         images = self._draw(trainer, module, num_samples, labels)
         if not trainer.is_global_zero:
@@ -54,21 +52,9 @@ class SampleGrid(L.Callback):
         return path
 
     def _draw(self, trainer: L.Trainer, module: DiffusionModule, num_samples: int, labels: Tensor | None) -> np.ndarray:
-        """All ``num_samples`` images (N, H, W, C) uint8 on rank 0; each rank draws a contiguous share."""
-        # a model trained without label dropout has no unconditional eps to guide with
-        guidance_scale = self.guidance_scale if module.num_classes and module.p_uncond > 0 else 1.0
-        world, share = trainer.world_size, -(-num_samples // trainer.world_size)
-        lo = min(trainer.global_rank * share, num_samples)
-        hi = min(lo + share, num_samples)
-        mine = torch.zeros(share, *module.net.sample_shape)
-        if hi > lo:
-            mine[: hi - lo] = module.generate(
-                self.sampler, hi - lo, self.seed, labels=None if labels is None else labels[lo:hi],
-                guidance_scale=guidance_scale, first_index=lo,
-            )
-        if world > 1:
-            mine = module.all_gather(mine.to(module.device)).reshape(world * share, *mine.shape[1:]).cpu()
-        return to_uint8(mine[:num_samples])
+        """All ``num_samples`` images (N, H, W, C) uint8 on every rank; each rank draws a contiguous share."""
+        mine, _ = draw_share(trainer, module, self.sampler, num_samples, self.seed, labels, self.guidance_scale)
+        return to_uint8(gather_shares(trainer, module, mine, num_samples))
 
     def on_train_batch_end(self, trainer: L.Trainer, module: DiffusionModule, *args: Any) -> None:
         if trainer.global_step % self.every_n_steps == 0:

