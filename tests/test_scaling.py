@@ -52,12 +52,16 @@ def test_ddp_fit_from_train_py(tmp_path):
 
 @pytest.mark.slow
 def test_ddp_under_multirun_gives_one_dir_per_job(tmp_path):
+    """Also: shaped noise is fitted on rank 0 and broadcast, so every rank holds the same statistics."""
     sweep = tmp_path / "sweep"
-    run_script("train.py", "-m", *DDP, "trainer.max_steps=3", "seed=0,1", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    run_script("train.py", "-m", *DDP, "trainer.max_steps=3", "seed=0,1", "noise=spectral", f"hydra.sweep.dir={sweep}",
+               cwd=tmp_path)
     assert _dirs(sweep) == ["0", "1"]
     assert _dirs(tmp_path) == ["sweep"]  # no second multirun tree, no stray outputs/
     for job in ("0", "1"):
-        assert (sweep / job / "checkpoints" / "last.ckpt").is_file()
+        assert (sweep / job / "checkpoints" / "last.ckpt").is_file() and (sweep / job / "noise.safetensors").is_file()
+        ranks = json.loads((sweep / job / "ddp_consistency.json").read_text())["ranks"]
+        assert len({r["noise_sha256"] for r in ranks}) == 1
 
 
 @pytest.mark.slow

@@ -69,12 +69,12 @@ def tensor_digest(tensors: Iterator[torch.Tensor] | list[torch.Tensor]) -> str:
     """sha256 of the tensors' bytes, in order: equal digests mean bit-identical weights."""
     h = hashlib.sha256()
     for t in tensors:
-        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 
 class RankConsistency(L.Callback):
-    """At the end of a multi-process fit, check that every rank holds bit-identical weights and EMA weights.
+    """At the end of a multi-process fit, check that every rank holds bit-identical weights, EMA weights and noise.
 
     Writes ``<dirpath>/ddp_consistency.json`` (each rank's digests) and fails the run if they differ:
     diverged EMA copies (diffusers #1895) would otherwise go unnoticed until sampling.
@@ -89,6 +89,7 @@ class RankConsistency(L.Callback):
         mine = {
             "weights_sha256": tensor_digest(module.net.parameters()),
             "ema_sha256": tensor_digest(module.ema.module.parameters()),
+            "noise_sha256": tensor_digest(module.noise.state_dict().values()),  # fitted on rank 0, broadcast
         }
         ranks: list[Any] = [None] * trainer.world_size
         torch.distributed.all_gather_object(ranks, mine)

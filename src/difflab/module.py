@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -12,16 +13,19 @@ import torch
 from torch import Tensor
 from torch.optim.lr_scheduler import LinearLR
 
+from difflab.data.base import training_batches
 from difflab.denoiser import PredictionDenoiser, UNetDenoiser
 from difflab.ema import EMA
 from difflab.guidance import ClassifierFreeGuidance, ClassifierGuidance, drop_labels
 from difflab.losses import simple_loss, vlb_term
-from difflab.noise import PerSampleNoise
+from difflab.noise import IIDNoise, PerSampleNoise, ShapedNoise
 from difflab.objectives import Objective, Prediction, Weighting, check_objective, loss_weight, objective_target
 from difflab.samplers import DDPM, Denoiser, Sampler
 from difflab.schedule import NoiseSchedule, q_sample_abar, step_variances
 from difflab.timestep_sampling import TimestepSampler, TimestepSampling
 
+NOISE_FILE = "noise.safetensors"
+"""The fitted noise statistics in the run dir (they are in every checkpoint too)."""
 QUARTERS = 4
 """Validation losses are also logged per quarter of the timestep range (improved-diffusion's quartiles)."""
 
@@ -37,6 +41,12 @@ class DiffusionModule(L.LightningModule):
     With ``num_classes`` set, the UNet is class-conditional and training replaces each label by
     the null label (index ``num_classes``, its own embedding) with probability ``p_uncond``, which
     classifier-free guidance needs at sampling time.
+
+    ``noise`` shapes the diffusion noise, eps = A z (:mod:`difflab.noise`): the process runs on whitened
+    y = A^-1 (x0 - mu), where it is standard DDPM; the network sees A y_t and predicts the white z (or y0,
+    v in y); samples map back by x = A y + mu. With iid noise (the default) every map is the identity and
+    runs are bit-identical to plain DDPM. Fitted statistics are fitted once on rank 0 at the start of a
+    fresh fit, broadcast, and kept as buffers in every checkpoint (and ``<run dir>/noise.safetensors``).
 
     The timesteps, noise, label dropout and self-conditioning coin of each training step come from a
     generator seeded by (``seed``, step, rank, micro-batch): ranks draw independent noise, and a
@@ -66,6 +76,7 @@ class DiffusionModule(L.LightningModule):
         compile: bool = False,
         channels_last: bool = False,
         seed: int = 0,
+        noise: ShapedNoise | None = None,
     ) -> None:
         super().__init__()
         self.objective = check_objective(objective)
@@ -88,6 +99,9 @@ class DiffusionModule(L.LightningModule):
         self.num_classes, self.p_uncond = num_classes, p_uncond
         self.net = net
         self.schedule = schedule
+        self.noise = noise if noise is not None else IIDNoise(net.sample_shape)
+        if self.noise.shape != net.sample_shape:
+            raise ValueError(f"{self.noise.option} was built for shape {self.noise.shape}, the UNet takes {net.sample_shape}")
         self.timesteps = TimestepSampler(schedule.num_timesteps, timestep_sampling)
         self.ema = EMA(net, decay=ema_decay, warmup=ema_warmup)
         self.lr, self.weight_decay, self.adam_betas = lr, weight_decay, tuple(adam_betas)
@@ -118,9 +132,30 @@ class DiffusionModule(L.LightningModule):
         if self.compile and getattr(self.net.unet, "_compiled_call_impl", None) is None:
             self.net.unet.compile()
 
+    @property
+    def pixel_space(self) -> bool:
+        """Whether the sampler's state is the 8-bit image itself (x0 in [-1, 1]): iid noise with no mean."""
+        return self.noise.is_identity
+
+    def on_fit_start(self) -> None:
+        """Fit the noise's statistics once (rank 0, float64, one epoch of the training stream) and broadcast them.
+
+        A resumed run's checkpoint was restored before this hook and holds them: nothing is refitted.
+        """
+        if self.noise.fitted:
+            return
+        if self.trainer.is_global_zero:
+            self.noise.fit(training_batches(self.trainer.datamodule))
+            self.noise.save(Path(self.trainer.default_root_dir) / NOISE_FILE)
+        state = self.trainer.strategy.broadcast({k: v.cpu() for k, v in self.noise.state_dict().items()}, src=0)
+        self.noise.load_state_dict(state)
+
     def denoiser(self, net: UNetDenoiser) -> PredictionDenoiser:
-        """pred = f(x_t, t, abar_t, y) over ``net`` (the raw or the EMA network), in this model's objective."""
-        return PredictionDenoiser(net, self.objective)
+        """pred = f(x_t, t, abar_t, y) over ``net`` (the raw or the EMA network), in this model's objective.
+
+        x_t is the sampler's whitened state; the network sees A x_t.
+        """
+        return PredictionDenoiser(net, self.objective, None if self.noise.isotropic else self.noise.color)
 
     def step_generator(self) -> torch.Generator:
         """The generator of this training step's random draws, seeded by (seed, global step, rank, micro-batch)."""
@@ -133,9 +168,10 @@ class DiffusionModule(L.LightningModule):
     ) -> tuple[Tensor, Tensor, Tensor | None]:
         """Per-sample losses (B,), their timesteps t (B,) and importance weights (B,) or None (Algorithm 1).
 
-        x0 (B, C, H, W), y (B,) or None. The loss of a sample is w(t) ||target - output||^2 (mean over
-        elements) plus, with a learned variance, vlb_weight * T * L_t in bits/dim.
+        x0 (B, C, H, W) data, y (B,) or None. The loss of a sample is w(t) ||target - output||^2 (mean over
+        elements; targets in whitened coordinates) plus, with a learned variance, vlb_weight * T * L_t in bits/dim.
         """
+        x0 = self.noise.from_data(x0)  # y0 = A^-1 (x0 - mu); the data itself for iid noise
         t, importance = self.timesteps.sample(x0.shape[0], x0.device, generator)
         noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
         abar_t = self.schedule.abar(t, x0.ndim)
@@ -159,15 +195,16 @@ class DiffusionModule(L.LightningModule):
     def vlb(self, x0: Tensor, pred: Prediction, t: Tensor, sampler: DDPM | None = None) -> Tensor:
         """L_t of the variational bound in bits/dim (B,) at the prediction ``pred`` made at x_t = pred.x_t.
 
-        The reverse variance is ``sampler``'s choice (beta, beta~, learned; default: learned if the
-        model learns it, else beta~); L_0 is the discretised decoder of 8-bit pixels.
+        x0 is in the sampler's (whitened) coordinates. The reverse variance is ``sampler``'s choice (beta,
+        beta~, learned; default: learned if the model learns it, else beta~); L_0 is the discretised decoder
+        of 8-bit pixels in pixel space, a Gaussian density otherwise.
         """
         sampler = sampler or DDPM(variance="auto")
         shape = (-1, *([1] * (x0.ndim - 1)))
         variances = [v[t].view(shape) for v in (self.step_beta, self.step_beta_tilde, self.step_beta_tilde_clipped)]
         return vlb_term(
             x0, pred.x_t, pred.x0, self.schedule.abar(t, x0.ndim), self.schedule.abar(t - 1, x0.ndim),
-            sampler.log_sigma2(pred, *variances), variances[2].log(), t == 0,
+            sampler.log_sigma2(pred, *variances), variances[2].log(), t == 0, discrete=self.pixel_space,
         )
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
@@ -223,6 +260,11 @@ class DiffusionModule(L.LightningModule):
         warmup = LinearLR(optimizer, start_factor=1.0 / self.warmup_steps, total_iters=self.warmup_steps)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": warmup, "interval": "step"}}
 
+    def check_sampler(self, sampler: Sampler) -> None:
+        """Refuse x0 clipping / dynamic thresholding where x0 is not an image in [-1, 1] (shaped noise)."""
+        option = "sampler.clip_x0" if sampler.clip_x0 else "sampler.dynamic_threshold"
+        self.noise.check_clipping(option, sampler.shapes_x0)
+
     def check_guidance_scale(self, guidance_scale: float) -> None:
         """Refuse classifier-free guidance (w != 1) on a model that never learned the unconditional eps."""
         if guidance_scale != 1.0 and (not self.num_classes or self.p_uncond <= 0):
@@ -251,8 +293,25 @@ class DiffusionModule(L.LightningModule):
             denoiser = ClassifierFreeGuidance(denoiser, guidance_scale, self.null_label, guidance_rescale)
         if classifier is not None:
             shift = sampler.mean_shift_as_x0(self.schedule.alphas_cumprod) if isinstance(sampler, DDPM) else None
-            denoiser = ClassifierGuidance(denoiser, classifier, classifier_scale, shift)
+            denoiser = ClassifierGuidance(denoiser, self.classifier_on_data(classifier), classifier_scale, shift)
         return denoiser
+
+    def classifier_on_data(self, classifier: Callable[[Tensor, Tensor], Tensor]) -> Callable[[Tensor, Tensor], Tensor]:
+        """The classifier as a function of the sampler's state y_t: it sees x_t = A y_t + sqrt(abar_t) mu.
+
+        That is sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, the noisy image it was trained on (with shaped eps),
+        and autograd turns its gradient into grad_y = A^T grad_x. The classifier itself for iid noise.
+        """
+        if self.noise.is_identity:
+            return classifier
+
+        def on_data(y_t: Tensor, t: Tensor) -> Tensor:
+            x_t = self.noise.color(y_t)
+            if self.noise.center:
+                x_t = x_t + self.schedule.abar(t, y_t.ndim).sqrt().to(y_t.dtype) * self.noise.mean.to(y_t.dtype)
+            return classifier(x_t, t)
+
+        return on_data
 
     @torch.no_grad()
     def generate(
@@ -274,6 +333,7 @@ class DiffusionModule(L.LightningModule):
         """
         if num_samples <= 0:
             raise ValueError(f"num_samples must be a positive integer, got {num_samples}")
+        self.check_sampler(sampler)
         if batch_size <= 0:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
         if labels is not None and len(labels) != num_samples:
@@ -288,8 +348,8 @@ class DiffusionModule(L.LightningModule):
             noise = PerSampleNoise.for_indices(seed, range(first_index + start, first_index + stop), self.device)
             y = None if labels is None else labels[start:stop].to(self.device)
             denoiser = self.guided_denoiser(sampler=sampler, **guidance)  # one per batch: self-conditioning state
-            x = sampler(denoiser, self.schedule.alphas_cumprod, noise, self.net.sample_shape, y, progress, self.objective)
-            batches.append(x.cpu())
+            y0 = sampler(denoiser, self.schedule.alphas_cumprod, noise, self.net.sample_shape, y, progress, self.objective)
+            batches.append(self.noise.to_data(y0).cpu())
         for net, mode in zip(nets, modes):
             net.train(mode)
         return torch.cat(batches)

@@ -28,6 +28,7 @@ from omegaconf import DictConfig
 from PIL import Image
 from torch import Tensor
 
+from difflab.data.base import training_batches
 from difflab.errors import ConfigError
 from difflab.images import make_grid, to_uint8
 from difflab.noise import ShapedNoise, effective_rank, participation_ratio
@@ -35,12 +36,6 @@ from difflab.noise import ShapedNoise, effective_rank, participation_ratio
 CONF = Path(__file__).resolve().parents[2] / "conf"
 MAX_DIM = 4096
 """The report eigendecomposes dense (n, n) covariances."""
-
-
-def training_batches(datamodule: Any) -> list[Tensor]:
-    """One epoch of the datamodule's training loader, images only (B, C, H, W): the stream a model trains on."""
-    datamodule.setup("fit")
-    return [batch[0] for batch in datamodule.train_dataloader()]
 
 
 def second_moment(rows: Tensor) -> Tensor:

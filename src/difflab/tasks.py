@@ -54,10 +54,10 @@ def build_module(cfg: DictConfig) -> DiffusionModule:
     learned variance).
     """
     loss = {**LOSS_DEFAULTS, **(cfg.get("loss") or {})}
-    channels = int(cfg.dataset.channels)
+    channels, size = int(cfg.dataset.channels), int(cfg.dataset.resolution)
     self_condition = bool(OmegaConf.select(cfg, "model.net.self_condition", default=False))
     unet: dict[str, Any] = {
-        "sample_size": int(cfg.dataset.resolution),
+        "sample_size": size,
         "in_channels": channels * (2 if self_condition else 1),
         "out_channels": channels * (2 if loss["learn_variance"] else 1),
     }
@@ -74,6 +74,7 @@ def build_module(cfg: DictConfig) -> DiffusionModule:
         weighting=loss["weighting"], min_snr_gamma=loss["min_snr_gamma"], vlb_weight=loss["vlb_weight"],
         timestep_sampling=loss["timestep_sampling"], seed=int(cfg.get("seed", 0)),
         net={"learn_variance": loss["learn_variance"], "unet": unet}, **extra,
+        noise=_instantiate(cfg.noise, "noise", shape=(channels, size, size)) if cfg.get("noise") else None,
     )
     module.save_hyperparameters({"run_config": OmegaConf.to_container(cfg, resolve=True)})
     return module
@@ -119,6 +120,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     data_shape = tuple(datamodule.train_set.images.shape[1:])
     if data_shape != module.net.sample_shape:
         raise ConfigError(f"the dataset's images are {data_shape} but the model expects {module.net.sample_shape}")
+    module.noise.check_num_samples(len(datamodule.train_set))
+    module.check_sampler(_instantiate(cfg.sampler, "sampler"))  # the sampler of the training-time grids
     return _fit(cfg, module, datamodule)
 
 
@@ -237,7 +240,7 @@ def _resume_from(cfg: DictConfig) -> str | None:
             parent, _, key = knob.rpartition(".")
             if OmegaConf.select(run, parent) is not None:
                 OmegaConf.select(run, parent).pop(key, None)
-    keys = ("model", "schedule", "objective", "loss", "dataset", "conditioning", "classifier", "seed")
+    keys = ("model", "schedule", "objective", "loss", "noise", "dataset", "conditioning", "classifier", "seed")
     changed = [key for key in keys if OmegaConf.select(saved, key) != OmegaConf.select(now, key)]
     if changed:
         raise ConfigError(
@@ -385,6 +388,7 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
     sampler = _instantiate(cfg.sampler, "sampler")
     device = _device(cfg.device)
     module = load_checkpoint(cfg.ckpt).to(device)
+    module.check_sampler(sampler)
     try:
         module.check_guidance_scale(cfg.guidance_scale)
     except ValueError as err:

@@ -21,6 +21,16 @@ def _batch_as_is(batch: Any) -> Any:
     return batch
 
 
+def training_batches(datamodule: L.LightningDataModule, batch_size: int = 256) -> list[Tensor]:
+    """Every training image once, augmented as in training, in batches (B, C, H, W): the stream a model sees.
+
+    Unlike one epoch of the training loader, no image is dropped to fill the last batch.
+    """
+    datamodule.setup("fit")
+    loader = DataLoader(datamodule.train_set, batch_size=batch_size, collate_fn=_batch_as_is)
+    return [batch[0] for batch in loader]
+
+
 class TensorImages(Dataset):
     """Images (N, C, H, W) in [-1, 1] with labels (N,); fetches a whole batch per call, optionally flipped."""
 
