@@ -22,6 +22,22 @@ def compose(config_name: str, overrides: list[str]):
         return hydra_compose(config_name=config_name, overrides=overrides)
 
 
+def sampler_config(name: str, *overrides: str):
+    """The sampler ``conf/sampler/<name>.yaml`` as sample.py builds it, with ``key=value`` overrides of its keys."""
+    from hydra.utils import instantiate
+
+    return instantiate(compose("sample", [f"sampler={name}", "ckpt=unused", *(f"sampler.{o}" for o in overrides)]).sampler)
+
+
+def real_digits(resolution: int) -> torch.Tensor:
+    """All 1,797 digits at ``resolution``, (N, 1, H, W) in [-1, 1], as the datamodule serves them."""
+    from difflab.data import DigitsDataModule
+
+    dm = DigitsDataModule(resolution=resolution, val_fraction=0.1)
+    dm.setup()
+    return torch.cat([dm.train_set.images, dm.val_set.images])
+
+
 class DigitPixels(nn.Module):
     """Features for a Frechet distance on the digits: images area-averaged to the native 8x8, flattened (64-d)."""
 

@@ -1,6 +1,8 @@
 """Sample quality of a trained checkpoint: Frechet distance to the real digits in 8x8 pixel space.
 
-    python bench/sample_quality.py outputs/train/latest [--num-samples 1000] [--sampler ddim|ddpm] [--steps 50]
+    python bench/sample_quality.py outputs/train/latest [--num-samples 1000] [--sampler NAME] [--steps 50]
+
+NAME is any conf/sampler option (ancestral, ddpm, ddim, dpmpp_2m, unipc, ...).
 
 Prints the distance of the samples to all 1,797 digits, and, at the held-out split's size (180),
 three comparable numbers against the training split: the samples, the held-out split itself (the
@@ -15,10 +17,9 @@ import time
 
 import torch
 
-from bench.common import frechet_distance
+from bench.common import frechet_distance, sampler_config
 from difflab.data import DigitsDataModule
 from difflab.images import save_grid, to_uint8
-from difflab.samplers import DDIM, DDPM
 from difflab.tasks import load_checkpoint
 
 
@@ -26,7 +27,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("ckpt")
     parser.add_argument("--num-samples", type=int, default=1000)
-    parser.add_argument("--sampler", choices=["ddim", "ddpm"], default="ddim")
+    parser.add_argument("--sampler", default="ddim", help="a conf/sampler option")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--grid", default=None, help="also write the first 100 samples as a PNG grid here")
     args = parser.parse_args()
@@ -36,7 +37,7 @@ def main() -> None:
     dm = DigitsDataModule(resolution=resolution, val_fraction=0.1)
     dm.setup()
     real = torch.cat([dm.train_set.images, dm.val_set.images])
-    sampler = DDIM(num_steps=args.steps) if args.sampler == "ddim" else DDPM(num_steps=args.steps)
+    sampler = sampler_config(args.sampler, f"num_steps={args.steps}")
     start = time.perf_counter()
     fake = module.generate(sampler, args.num_samples, seed=0, batch_size=250)
     seconds = time.perf_counter() - start

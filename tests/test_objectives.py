@@ -194,3 +194,33 @@ def test_loss_aware_timestep_sampling_is_unbiased():
     estimate = (w.double() * losses_per_t[t]).mean()
     assert estimate.item() == pytest.approx(losses_per_t.mean().item(), rel=0.01)
     assert set(sampler.state_dict()) == {"losses", "counts"}  # the history travels in checkpoints
+
+
+def test_self_conditioning_feeds_the_previous_estimate():
+    """Chen et al. 2022: the UNet sees [x_t, x0_hat]; x0_hat is zeros at the first step, then the previous estimate."""
+    from difflab.denoiser import PredictionDenoiser
+    from difflab.tasks import build_module
+
+    module = build_module(compose("train", ["model=tiny", "dataset.resolution=8", "model.net.self_condition=true",
+                                            "output_dir=/unused"]))
+    assert module.net.unet.config.in_channels == 2 and module.net.sample_shape == (1, 8, 8)
+    seen = []
+    module.net.unet.register_forward_pre_hook(lambda m, args: seen.append(args[0][:, 1:].clone()))
+    denoiser = PredictionDenoiser(module.net, "eps")
+    x, t, abar = torch.randn(2, 1, 8, 8), torch.tensor([500, 500]), module.schedule.alphas_cumprod[[500, 500]]
+    with torch.no_grad():
+        first = denoiser(x, t, abar, None)
+        denoiser(x, t, abar, None)
+    assert seen[0].abs().max() == 0 and torch.equal(seen[1], first.x0)
+    # training: half the steps condition on a first, gradient-free estimate (two forwards), half on zeros (one)
+    seen.clear()
+    calls = []
+    for i in range(20):
+        before = len(seen)
+        losses, _, _ = module.losses(torch.rand(4, 1, 8, 8), module.net, generator=torch.Generator().manual_seed(i))
+        calls.append(len(seen) - before)
+        assert torch.isfinite(losses).all()
+    assert set(calls) == {1, 2} and 4 <= calls.count(2) <= 16
+    from difflab.samplers import DDIM
+
+    assert torch.isfinite(module.generate(DDIM(num_steps=4), 3)).all()
