@@ -71,6 +71,7 @@ def stage1(tmp_path_factory):
     return run_dir, metrics, before
 
 
+@pytest.mark.filterwarnings("ignore:.*self.trainer. reference is not registered")  # training_step outside a fit
 def test_round_trip_shapes_and_loss():
     from difflab.tasks import build_autoencoder
 

@@ -65,7 +65,7 @@ class VAEModule(L.LightningModule):
         self,
         vae: AutoencoderKL,
         rec_loss: str = "l1",
-        kl_weight: float = 1e-4,
+        kl_weight: float = 1e-3,
         lr: float = 1e-3,
         weight_decay: float = 0.0,
         adam_betas: Sequence[float] = (0.9, 0.999),
