@@ -1,4 +1,4 @@
-"""train(cfg), train_classifier(cfg) and sample(cfg): the bodies of the entry points, as plain functions tests call."""
+"""The bodies of the entry points (train, train_classifier, train_vae, sample), as plain functions tests call."""
 
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ from difflab.errors import ConfigError
 from difflab.guidance import balanced_labels
 from difflab.images import save_grid, to_uint8
 from difflab.module import DiffusionModule
+from difflab.vae import VAEModule, latent_shape
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +84,13 @@ def build_module(cfg: DictConfig) -> DiffusionModule:
 def build_classifier(cfg: DictConfig) -> ClassifierModule:
     """The ClassifierModule of a classifier run config (``cfg.classifier`` with ``cfg.schedule``)."""
     module = _instantiate(cfg.classifier, "classifier", schedule=_instantiate(cfg.schedule, "schedule"))
+    module.save_hyperparameters({"run_config": OmegaConf.to_container(cfg, resolve=True)})
+    return module
+
+
+def build_autoencoder(cfg: DictConfig) -> VAEModule:
+    """The VAEModule of a train_vae.py run config (``cfg.autoencoder``)."""
+    module = _instantiate(cfg.autoencoder, "autoencoder")
     module.save_hyperparameters({"run_config": OmegaConf.to_container(cfg, resolve=True)})
     return module
 
@@ -153,6 +161,16 @@ def train_classifier(cfg: DictConfig) -> dict[str, float]:
     _labelled_classes(cfg, datamodule, cfg.classifier.net, "a classifier")
     cfg.class_names = list(datamodule.class_names)
     return _fit(cfg, build_classifier(cfg), datamodule)
+
+
+def train_vae(cfg: DictConfig) -> dict[str, float]:
+    """Stage 1 of latent diffusion: fit the AutoencoderKL of ``cfg.autoencoder``; it is saved to ``<run dir>/vae``."""
+    L.seed_everything(cfg.seed, workers=True)
+    datamodule = instantiate(cfg.dataset)
+    datamodule.setup("fit")
+    module = build_autoencoder(cfg)
+    latent_shape(module.vae, datamodule.train_set.images.shape[1:])  # channels and size checked before training
+    return _fit(cfg, module, datamodule)
 
 
 def _fit(cfg: DictConfig, module: L.LightningModule, datamodule: L.LightningDataModule) -> dict[str, float]:
@@ -240,7 +258,8 @@ def _resume_from(cfg: DictConfig) -> str | None:
             parent, _, key = knob.rpartition(".")
             if OmegaConf.select(run, parent) is not None:
                 OmegaConf.select(run, parent).pop(key, None)
-    keys = ("model", "schedule", "objective", "loss", "noise", "dataset", "conditioning", "classifier", "seed")
+    keys = ("model", "schedule", "objective", "loss", "noise", "latent", "dataset", "conditioning", "classifier",
+            "autoencoder", "seed")
     changed = [key for key in keys if OmegaConf.select(saved, key) != OmegaConf.select(now, key)]
     if changed:
         raise ConfigError(
@@ -259,22 +278,35 @@ def _show(path: Path) -> str:
         return str(path)
 
 
+NEXT_USE = {
+    "train": "python sample.py ckpt={latest}",
+    "vae": "latent=vae latent.path={latest}/vae",
+}
+"""How the newest run of each task is used next, printed beside the ``latest`` link (classifiers: _classifier_use)."""
+
+
+def _classifier_use(cfg: DictConfig, latest: str) -> str:
+    """A noise-aware classifier guides sampling; a clean one gives evaluation features."""
+    if cfg.classifier.get("noise_aware", True):
+        return f"sample.py classifier={latest}"
+    return f"features=classifier features.path={latest}"
+
+
 def _report_training(run_dir: Path, metrics: dict[str, float], cfg: DictConfig) -> None:
-    grids = sorted((run_dir / "samples").glob("step_*.png"))
     lines = [f"run dir:     {_show(run_dir)}", f"checkpoint:  {_show(run_dir / 'checkpoints' / 'last.ckpt')}"]
-    if grids:
-        lines.append(f"samples:     {_show(grids[-1])}")
+    for label, sub in (("samples:", "samples"), ("recon grid:", "reconstructions")):
+        grids = sorted((run_dir / sub).glob("step_*.png"))
+        if grids:
+            lines.append(f"{label:<13}{_show(grids[-1])}")
+    if (run_dir / "vae" / "config.json").is_file():
+        lines.append(f"vae:         {_show(run_dir / 'vae')}")
     lines += [f"{k}: {v:.4f}" for k, v in sorted(metrics.items()) if k.startswith(("val/", "eval/"))]
     if _default_single_run():
         latest = _link_latest(run_dir)
         if latest:
-            if cfg.task_name == "train":
-                use = f"python sample.py ckpt={_show(latest)}"
-            elif cfg.classifier.get("noise_aware", True):
-                use = f"sample.py classifier={_show(latest)}"
-            else:
-                use = f"features=classifier features.path={_show(latest)}"
-            lines.append(f"latest:      {_show(latest)} -> {run_dir.name} ({use})")
+            shown = _show(latest)
+            use = _classifier_use(cfg, shown) if "classifier" in cfg else NEXT_USE.get(cfg.task_name, "").format(latest=shown)
+            lines.append(f"latest:      {shown} -> {run_dir.name}" + (f" ({use})" if use else ""))
     print("\n".join(lines), flush=True)
 
 
