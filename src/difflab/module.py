@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -13,10 +14,13 @@ import torch
 from torch import Tensor
 from torch.optim.lr_scheduler import LinearLR
 
+from difflab.checkpointing import atomic_write
 from difflab.data.base import training_batches
 from difflab.denoiser import PredictionDenoiser, UNetDenoiser
 from difflab.ema import EMA
+from difflab.errors import ConfigError
 from difflab.guidance import ClassifierFreeGuidance, ClassifierGuidance, drop_labels
+from difflab.latent import LatentSpace
 from difflab.losses import simple_loss, vlb_term
 from difflab.noise import IIDNoise, PerSampleNoise, ShapedNoise
 from difflab.objectives import Objective, Prediction, Weighting, check_objective, loss_weight, objective_target
@@ -26,6 +30,8 @@ from difflab.timestep_sampling import TimestepSampler, TimestepSampling
 
 NOISE_FILE = "noise.safetensors"
 """The fitted noise statistics in the run dir (they are in every checkpoint too)."""
+LATENT_FILE = "latent.json"
+"""The latent space of a run (VAE path and fingerprint, the scaling factor used) in its run dir."""
 QUARTERS = 4
 """Validation losses are also logged per quarter of the timestep range (improved-diffusion's quartiles)."""
 
@@ -41,6 +47,9 @@ class DiffusionModule(L.LightningModule):
     With ``num_classes`` set, the UNet is class-conditional and training replaces each label by
     the null label (index ``num_classes``, its own embedding) with probability ``p_uncond``, which
     classifier-free guidance needs at sampling time.
+
+    With a ``latent`` space (:mod:`difflab.latent`) the process's data x0 is s E(image) of a frozen VAE,
+    and generated samples are decoded; the scale s is decided at the start of a fresh fit.
 
     ``noise`` shapes the diffusion noise, eps = A z (:mod:`difflab.noise`): the process runs on whitened
     y = A^-1 (x0 - mu), where it is standard DDPM; the network sees A y_t and predicts the white z (or y0,
@@ -77,6 +86,7 @@ class DiffusionModule(L.LightningModule):
         channels_last: bool = False,
         seed: int = 0,
         noise: ShapedNoise | None = None,
+        latent: LatentSpace | None = None,
     ) -> None:
         super().__init__()
         self.objective = check_objective(objective)
@@ -99,6 +109,9 @@ class DiffusionModule(L.LightningModule):
         self.num_classes, self.p_uncond = num_classes, p_uncond
         self.net = net
         self.schedule = schedule
+        self.latent = latent
+        if latent is not None and latent.shape != net.sample_shape:
+            raise ValueError(f"the VAE's latents are {latent.shape}, the UNet takes {net.sample_shape}")
         self.noise = noise if noise is not None else IIDNoise(net.sample_shape)
         if self.noise.shape != net.sample_shape:
             raise ValueError(f"{self.noise.option} was built for shape {self.noise.shape}, the UNet takes {net.sample_shape}")
@@ -134,21 +147,42 @@ class DiffusionModule(L.LightningModule):
 
     @property
     def pixel_space(self) -> bool:
-        """Whether the sampler's state is the 8-bit image itself (x0 in [-1, 1]): iid noise with no mean."""
-        return self.noise.is_identity
+        """Whether the sampler's state is the 8-bit image itself (x0 in [-1, 1]): no VAE, iid noise with no mean."""
+        return self.latent is None and self.noise.is_identity
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of the images the model generates (the VAE's decoded size in latent space)."""
+        return self.net.sample_shape if self.latent is None else self.latent.image_shape
+
+    def diffusion_data(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """x0 of the process for a batch: the images, or in latent space s E(images) (s z for cached latents z)."""
+        if self.latent is None:
+            return x
+        return self.latent.scale(x if self.latent.cached_inputs else self.latent.encode(x, generator))
 
     def on_fit_start(self) -> None:
-        """Fit the noise's statistics once (rank 0, float64, one epoch of the training stream) and broadcast them.
+        """Decide the latent scale, then fit the noise's statistics on the scaled training stream: each once, on
+        rank 0 in float64, broadcast to every rank and written to the run dir.
 
-        A resumed run's checkpoint was restored before this hook and holds them: nothing is refitted.
+        A resumed run's checkpoint was restored before this hook and holds both: nothing is redone.
         """
-        if self.noise.fitted:
-            return
-        if self.trainer.is_global_zero:
-            self.noise.fit(training_batches(self.trainer.datamodule))
-            self.noise.save(Path(self.trainer.default_root_dir) / NOISE_FILE)
-        state = self.trainer.strategy.broadcast({k: v.cpu() for k, v in self.noise.state_dict().items()}, src=0)
-        self.noise.load_state_dict(state)
+        run_dir, rank_zero = Path(self.trainer.default_root_dir), self.trainer.is_global_zero
+        if self.latent is not None and not self.latent.scaled:
+            if rank_zero:
+                first = training_batches(self.trainer.datamodule)[: self.latent.scale_batches]
+                z = [b if self.latent.cached_inputs else self.latent.encode(b.to(self.device)) for b in first]
+                how = self.latent.decide_scale(z)
+                print(f"latent scale: {float(self.latent.scaling_factor):.6g} ({how})", flush=True)
+            self.latent.scaling_factor.copy_(self.trainer.strategy.broadcast(self.latent.scaling_factor.cpu(), src=0))
+            if rank_zero:
+                atomic_write(run_dir / LATENT_FILE, lambda f: f.write(json.dumps(self.latent.summary(), indent=2).encode()))
+        if not self.noise.fitted:
+            if rank_zero:
+                self.noise.fit(self.diffusion_data(b.to(self.device)) for b in training_batches(self.trainer.datamodule))
+                self.noise.save(run_dir / NOISE_FILE)
+            state = self.trainer.strategy.broadcast({k: v.cpu() for k, v in self.noise.state_dict().items()}, src=0)
+            self.noise.load_state_dict(state)
 
     def denoiser(self, net: UNetDenoiser) -> PredictionDenoiser:
         """pred = f(x_t, t, abar_t, y) over ``net`` (the raw or the EMA network), in this model's objective.
@@ -211,7 +245,7 @@ class DiffusionModule(L.LightningModule):
         generator = self.step_generator()
         self._micro_batch += 1
         y = drop_labels(batch[1], self.p_uncond, self.null_label, generator) if self.num_classes else None
-        losses, t, importance = self.losses(batch[0], self.net, y, generator)
+        losses, t, importance = self.losses(self.diffusion_data(batch[0], generator), self.net, y, generator)
         loss = (losses if importance is None else importance * losses).mean()
         if self.timesteps.kind != "uniform":  # every rank records every rank's losses, so all sample alike
             gathered = self.all_gather(torch.stack([t.to(losses.dtype), losses.detach()]))
@@ -239,7 +273,8 @@ class DiffusionModule(L.LightningModule):
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         """val/loss and val/loss_ema, also per quarter of [0, T) (``_q0`` .. ``_q3``), on fixed t and noise."""
-        x0, y = batch[0], (batch[1] if self.num_classes else None)
+        x0 = self.diffusion_data(batch[0], torch.Generator(device=batch[0].device).manual_seed(batch_idx))
+        y = batch[1] if self.num_classes else None
         for name, net in (("val/loss", self.net), ("val/loss_ema", self.ema.module)):
             # The same t and noise for every validation pass, so the curve shows the model, not the draw.
             generator = torch.Generator(device=x0.device).manual_seed(batch_idx)
@@ -261,8 +296,12 @@ class DiffusionModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": warmup, "interval": "step"}}
 
     def check_sampler(self, sampler: Sampler) -> None:
-        """Refuse x0 clipping / dynamic thresholding where x0 is not an image in [-1, 1] (shaped noise)."""
+        """Refuse x0 clipping / dynamic thresholding where x0 is not an image in [-1, 1] (latents, shaped noise)."""
         option = "sampler.clip_x0" if sampler.clip_x0 else "sampler.dynamic_threshold"
+        if sampler.shapes_x0 and self.latent is not None:
+            raise ConfigError(
+                f"{option} cannot be used with latent=vae: x0 is a latent, not an image in [-1, 1]; set {option} off"
+            )
         self.noise.check_clipping(option, sampler.shapes_x0)
 
     def check_guidance_scale(self, guidance_scale: float) -> None:
@@ -349,7 +388,8 @@ class DiffusionModule(L.LightningModule):
             y = None if labels is None else labels[start:stop].to(self.device)
             denoiser = self.guided_denoiser(sampler=sampler, **guidance)  # one per batch: self-conditioning state
             y0 = sampler(denoiser, self.schedule.alphas_cumprod, noise, self.net.sample_shape, y, progress, self.objective)
-            batches.append(self.noise.to_data(y0).cpu())
+            x0 = self.noise.to_data(y0)
+            batches.append((x0 if self.latent is None else self.latent.decode(x0)).cpu())
         for net, mode in zip(nets, modes):
             net.train(mode)
         return torch.cat(batches)

@@ -16,7 +16,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from difflab.callbacks import Preemption
 from difflab.checkpointing import AtomicCheckpointIO
@@ -25,6 +25,7 @@ from difflab.distributed import RankConsistency, forward_signals_to_children, la
 from difflab.errors import ConfigError
 from difflab.guidance import balanced_labels
 from difflab.images import save_grid, to_uint8
+from difflab.latent import use_cached_latents
 from difflab.module import DiffusionModule
 from difflab.vae import VAEModule, latent_shape
 
@@ -55,7 +56,22 @@ def build_module(cfg: DictConfig) -> DiffusionModule:
     learned variance).
     """
     loss = {**LOSS_DEFAULTS, **(cfg.get("loss") or {})}
-    channels, size = int(cfg.dataset.channels), int(cfg.dataset.resolution)
+    image_shape = (int(cfg.dataset.channels), int(cfg.dataset.resolution), int(cfg.dataset.resolution))
+    latent = None
+    if OmegaConf.select(cfg, "latent._target_") is not None:
+        latent = _instantiate(cfg.latent, "latent", image_shape=image_shape)
+        with open_dict(cfg):
+            cfg.latent.fingerprint = latent.fingerprint  # saved with the run: a later load refuses a changed VAE
+    channels, size, _ = image_shape if latent is None else latent.shape
+    if latent is not None:
+        unet_factor = 2 ** (len(cfg.model.net.unet.block_out_channels) - 1)
+        if size % unet_factor:
+            vae_factor = image_shape[1] // size
+            raise ConfigError(
+                f"the latents are {channels}x{size}x{size} ({image_shape[1]}x{image_shape[2]} images through the VAE's "
+                f"downsampling by {vae_factor}): {size} is not divisible by the UNet's downsampling factor {unet_factor}; "
+                f"use a dataset.resolution that is a multiple of {vae_factor * unet_factor}, or a model with fewer blocks"
+            )
     self_condition = bool(OmegaConf.select(cfg, "model.net.self_condition", default=False))
     unet: dict[str, Any] = {
         "sample_size": size,
@@ -76,6 +92,7 @@ def build_module(cfg: DictConfig) -> DiffusionModule:
         timestep_sampling=loss["timestep_sampling"], seed=int(cfg.get("seed", 0)),
         net={"learn_variance": loss["learn_variance"], "unet": unet}, **extra,
         noise=_instantiate(cfg.noise, "noise", shape=(channels, size, size)) if cfg.get("noise") else None,
+        latent=latent,
     )
     module.save_hyperparameters({"run_config": OmegaConf.to_container(cfg, resolve=True)})
     return module
@@ -126,9 +143,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
         _labelled_classes(cfg, datamodule, cfg.conditioning, "conditioning=class")
     module = build_module(cfg)
     data_shape = tuple(datamodule.train_set.images.shape[1:])
-    if data_shape != module.net.sample_shape:
-        raise ConfigError(f"the dataset's images are {data_shape} but the model expects {module.net.sample_shape}")
+    if data_shape != module.image_shape:
+        raise ConfigError(f"the dataset's images are {data_shape} but the model expects {module.image_shape}")
     module.noise.check_num_samples(len(datamodule.train_set))
+    if module.latent is not None and module.latent.cache:
+        print(f"latent cache: {_show(use_cached_latents(datamodule, module.latent, cfg.seed))}", flush=True)
     module.check_sampler(_instantiate(cfg.sampler, "sampler"))  # the sampler of the training-time grids
     return _fit(cfg, module, datamodule)
 
@@ -359,9 +378,17 @@ def _read_checkpoint(path: str | os.PathLike, task_name: str) -> tuple[dict[str,
     return ckpt, OmegaConf.create(run_config)
 
 
-def load_checkpoint(path: str | os.PathLike) -> DiffusionModule:
-    """Rebuild a DiffusionModule from a train.py checkpoint alone (its run config travels inside it)."""
+def load_checkpoint(path: str | os.PathLike, vae_path: str | None = None) -> DiffusionModule:
+    """Rebuild a DiffusionModule from a train.py checkpoint alone (its run config travels inside it).
+
+    A latent-space model loads its VAE from the path it was trained with, or ``vae_path`` if it moved
+    (the VAE's fingerprint must match either way).
+    """
     ckpt, run_config = _read_checkpoint(path, "train")
+    if vae_path is not None:
+        if OmegaConf.select(run_config, "latent._target_") is None:
+            raise ConfigError(f"vae_path={vae_path} given, but {path} is a pixel-space model (trained with latent=none)")
+        run_config.latent.path = str(vae_path)
     module = build_module(run_config)
     module.load_state_dict(ckpt["state_dict"])
     return module
@@ -419,7 +446,7 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
             raise ConfigError(f"{out_dir / name} already exists: pick another out_dir, or set overwrite=true")
     sampler = _instantiate(cfg.sampler, "sampler")
     device = _device(cfg.device)
-    module = load_checkpoint(cfg.ckpt).to(device)
+    module = load_checkpoint(cfg.ckpt, cfg.get("vae_path")).to(device)
     module.check_sampler(sampler)
     try:
         module.check_guidance_scale(cfg.guidance_scale)
@@ -428,6 +455,11 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
     class_names = list(module.hparams["run_config"].get("conditioning", {}).get("class_names", []))
     num_classes, source, guidance = module.num_classes, f"the model {cfg.ckpt}", {}
     if cfg.classifier is not None:
+        if module.latent is not None:
+            raise ConfigError(
+                f"classifier={cfg.classifier} cannot guide the latent-space model {cfg.ckpt}: the classifier was trained "
+                "on noisy images, the model denoises latents; use classifier-free guidance (conditioning=class)"
+            )
         classifier = load_classifier(cfg.classifier).to(device)
         if not torch.equal(classifier.schedule.betas.cpu(), module.schedule.betas.cpu()):
             raise ConfigError(f"classifier {cfg.classifier} was trained on another noise schedule than {cfg.ckpt}")

@@ -226,7 +226,7 @@ def load_vae(path: str | os.PathLike) -> AutoencoderKL:
             f"VAE path {path} holds a {class_name} (config.json _class_name), not an AutoencoderKL: {EXPECTED}"
         )
     try:
-        vae = AutoencoderKL.from_pretrained(path, local_files_only=True)
+        vae = AutoencoderKL.from_pretrained(path, local_files_only=True, low_cpu_mem_usage=False)
     except (OSError, ValueError, RuntimeError) as err:
         raise ConfigError(f"cannot load the AutoencoderKL in {path}: {err}") from err
     return vae.requires_grad_(False).eval()

@@ -56,7 +56,7 @@ def draw_share(
     if not (module.num_classes and module.p_uncond > 0):
         guidance_scale = 1.0
     lo, hi, share = rank_share(num_samples, trainer.world_size, trainer.global_rank)
-    mine = torch.zeros(share, *module.net.sample_shape)
+    mine = torch.zeros(share, *module.image_shape)
     if hi > lo:
         mine[: hi - lo] = module.generate(
             sampler, hi - lo, seed, batch_size, labels=None if labels is None else labels[lo:hi],

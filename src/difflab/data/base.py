@@ -27,15 +27,19 @@ def training_batches(datamodule: L.LightningDataModule, batch_size: int = 256) -
     Unlike one epoch of the training loader, no image is dropped to fill the last batch.
     """
     datamodule.setup("fit")
-    loader = DataLoader(datamodule.train_set, batch_size=batch_size, collate_fn=_batch_as_is)
+    loader = DataLoader(datamodule.train_source, batch_size=batch_size, collate_fn=_batch_as_is)
     return [batch[0] for batch in loader]
 
 
 class TensorImages(Dataset):
-    """Images (N, C, H, W) in [-1, 1] with labels (N,); fetches a whole batch per call, optionally flipped."""
+    """Images (N, C, H, W) in [-1, 1] with labels (N,); fetches a whole batch per call, optionally flipped.
 
-    def __init__(self, images: Tensor, labels: Tensor, hflip: bool = False) -> None:
-        self.images, self.labels, self.hflip = images, labels, hflip
+    ``flipped`` (N, ...), when given, is what a flip serves instead of the mirrored item (cached latents of
+    the mirrored images: a mirrored latent is not the latent of the mirrored image).
+    """
+
+    def __init__(self, images: Tensor, labels: Tensor, hflip: bool = False, flipped: Tensor | None = None) -> None:
+        self.images, self.labels, self.hflip, self.flipped = images, labels, hflip, flipped
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -48,7 +52,7 @@ class TensorImages(Dataset):
         x = self.images[idx]
         if self.hflip:
             flip = torch.rand(len(idx)) < 0.5
-            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+            x = torch.where(flip[:, None, None, None], x.flip(-1) if self.flipped is None else self.flipped[idx], x)
         return x, self.labels[idx]
 
 
@@ -77,6 +81,8 @@ class InMemoryDataModule(L.LightningDataModule):
         self.device_batch_size = batch_size
         self.train_set: TensorImages | None = None
         self.val_set: TensorImages | None = None
+        self.encoded: tuple[TensorImages, TensorImages] | None = None
+        """(train, val) latents the loaders serve instead of the images (``latent.cache``), or None."""
         self.class_names: list[str] = []
 
     def split_batch(self, world_size: int, accumulate_grad_batches: int = 1) -> int:
@@ -105,10 +111,16 @@ class InMemoryDataModule(L.LightningDataModule):
         self.train_set = TensorImages(images[train], labels[train], self.hflip)
         self.val_set = TensorImages(images[val], labels[val])
 
+    @property
+    def train_source(self) -> TensorImages:
+        """What training reads: the training images, or their cached latents."""
+        return self.train_set if self.encoded is None else self.encoded[0]
+
     def train_dataloader(self) -> DataLoader:
         return DataLoader(
-            self.train_set, batch_size=self.device_batch_size, shuffle=True, drop_last=True, collate_fn=_batch_as_is
+            self.train_source, batch_size=self.device_batch_size, shuffle=True, drop_last=True, collate_fn=_batch_as_is
         )
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_set, batch_size=self.device_batch_size, collate_fn=_batch_as_is)
+        val = self.val_set if self.encoded is None else self.encoded[1]
+        return DataLoader(val, batch_size=self.device_batch_size, collate_fn=_batch_as_is)

@@ -1,6 +1,5 @@
 """Sample-quality metrics: feature networks, cached real-data reference features, FID and KID (torchmetrics)."""
 
-from difflab.metrics.cache import cache_root
 from difflab.metrics.features import (
     ClassifierFeatures,
     FeatureExtractor,
@@ -22,7 +21,6 @@ __all__ = [
     "FeatureExtractor",
     "InceptionFeatures",
     "ReferenceCache",
-    "cache_root",
     "dataset_description",
     "extract_features",
     "fid_kid",

@@ -30,7 +30,7 @@ from difflab.classifier import NoisyClassifier
 from difflab.distributed import tensor_digest
 from difflab.errors import ConfigError
 from difflab.images import quantize
-from difflab.metrics.cache import cache_root
+from difflab.cache import cache_root
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ The fingerprint is the sha256 of a manifest holding everything that changes the 
 A cache entry is ``<cache_dir>/<fingerprint>.pt`` ({"manifest", "features" (M, d) float32}) with
 a readable ``<fingerprint>.json`` beside it, both written atomically; an entry is reused only
 if its stored manifest equals the one asked for, so a stale entry is never read. The default
-``cache_dir`` is ``~/.cache/difflab/reference`` (:func:`~difflab.metrics.cache.cache_root`):
+``cache_dir`` is ``~/.cache/difflab/reference`` (:func:`~difflab.cache.cache_root`):
 one place shared by every run, sweep job and evaluation of the machine, outside the output
 trees that users clean up; the fingerprint makes that sharing safe.
 """
@@ -35,7 +35,7 @@ from torch import Tensor
 
 from difflab.checkpointing import atomic_write
 from difflab.distributed import tensor_digest
-from difflab.metrics.cache import cache_root
+from difflab.cache import cache_root
 from difflab.metrics.features import FeatureExtractor, extract_features
 
 log = logging.getLogger(__name__)
