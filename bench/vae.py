@@ -4,7 +4,9 @@
 
 Trains ``python train_vae.py``'s default (``autoencoder=small``, 16x16 digits, its default number of
 steps; extra arguments are Hydra overrides such as ``trainer.max_steps=2000``) in this process,
-timing the fit (validation, checkpoints and grids included), then loads the saved VAE from
+timing the fit (validation, checkpoints and grids included); the training throughput is measured
+apart, as batch / median step time over ``--throughput-steps`` steps of the same module under a
+bare ``lightning.Trainer`` (as bench/train_throughput.py does). Then it loads the saved VAE from
 ``<out>/vae`` and reconstructs the held-out split from the posterior mean. Baselines that keep
 about as many numbers per image as the latent (c*h*w): the training split's mean image (no
 information), bilinear down- and up-sampling through the latent's spatial size and through a
@@ -23,13 +25,16 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import lightning as L
 import torch
 import torch.nn.functional as F
+from hydra.utils import instantiate
 from torchmetrics.image import PeakSignalNoiseRatio
 
 from bench.common import compose
+from bench.train_throughput import WARMUP, StepTimer, median_step
 from difflab.data import DigitsDataModule
-from difflab.tasks import train_vae
+from difflab.tasks import build_autoencoder, train_vae
 from difflab.vae import encode_latents, estimate_scaling_factor, latent_shape, load_vae
 
 
@@ -47,6 +52,19 @@ def pca(train: torch.Tensor, k: int) -> Callable[[torch.Tensor], torch.Tensor]:
     return lambda x: (((x.flatten(1).double() - mean) @ basis.T) @ basis + mean).float().view_as(x)
 
 
+def images_per_second(cfg, steps: int) -> float:
+    """Training throughput of the VAEModule of ``cfg``: batch / median step time (no validation, no callbacks)."""
+    torch.manual_seed(0)
+    timer = StepTimer()
+    trainer = L.Trainer(
+        accelerator="cpu", max_steps=WARMUP + steps, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+        gradient_clip_val=cfg.trainer.gradient_clip_val, callbacks=[timer],
+    )
+    trainer.fit(build_autoencoder(cfg), datamodule=instantiate(cfg.dataset))
+    return cfg.dataset.batch_size / median_step(timer.starts)
+
+
 def errors(x_hat: torch.Tensor, x: torch.Tensor) -> str:
     psnr = PeakSignalNoiseRatio(data_range=2.0)(x_hat, x).item()
     shown = f"{psnr:.1f}" if psnr < 100 else "lossless (float error)"
@@ -57,6 +75,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=None, help="run dir (default: a temporary dir, removed at the end)")
     parser.add_argument("--grid", default=None, help="copy the final reconstruction grid here")
+    parser.add_argument("--throughput-steps", type=int, default=40)
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     out = Path(args.out or tempfile.mkdtemp(prefix="bench_vae_"))
@@ -66,9 +85,11 @@ def main() -> None:
     metrics = train_vae(cfg)
     seconds = time.perf_counter() - start
     steps, batch = cfg.trainer.max_steps, cfg.dataset.batch_size
-    print(f"\ntrained {steps} steps of {batch} images in {seconds:.0f} s: {steps * batch / seconds:.0f} img/s "
-          f"(validation every {cfg.trainer.val_check_interval} steps, checkpoints and grids included); "
-          f"val/rec_mse {metrics['val/rec_mse']:.4f}")
+    throughput = images_per_second(cfg, args.throughput_steps)
+    print(f"\ntrained {steps} steps of {batch} images in {seconds:.0f} s ({steps * batch / seconds:.0f} img/s with "
+          f"validation every {cfg.trainer.val_check_interval} steps, checkpoints and grids); training alone "
+          f"{throughput:.0f} img/s (median of {args.throughput_steps} steps); "
+          f"val/rec_mse_ema {metrics.get('val/rec_mse_ema', float('nan')):.4f}")
 
     data = DigitsDataModule(resolution=cfg.dataset.resolution)
     data.setup("fit")

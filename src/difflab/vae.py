@@ -153,9 +153,10 @@ def estimate_scaling_factor(
 
     By default z is a posterior sample, as in latent-diffusion (whose ``get_first_stage_encoding``
     samples): a diffusion model trained on fresh encodings sees samples, so this makes its data
-    unit-variance. Var(sample) = Var(mu) + E[sigma^2]; with the small KL weights used here sigma is
-    small against the spread of mu, and the ``mean`` estimate differs by well under 1%. Pass
-    ``posterior="mean"`` for latents cached as means. The sample draws from a generator seeded with
+    unit-variance. Var(sample) = Var(mu) + E[sigma^2]: for the trained default digits VAE sigma is
+    small against the spread of mu and the ``mean`` estimate is 0.16% larger (docs/benchmarks.md);
+    early in training, while sigma is large, the two differ more. Pass ``posterior="mean"`` for
+    latents cached as means. The sample draws from a generator seeded with
     ``seed``: the result is reproducible and the global RNG is not touched. The std is centred
     (torch.std, as latent-diffusion); the mean is not removed from the latents, matching how
     ``scaling_factor`` is applied (z * scaling_factor).
