@@ -237,7 +237,7 @@ def test_train_vae_script_links_latest_and_prints_the_vae_path(tmp_path):
     proc = run_script("train_vae.py", *TINY_VAE, "trainer.max_steps=4", "trainer.val_check_interval=4", "run_id=first",
                       cwd=tmp_path)
     assert "vae:         outputs/vae/first/vae\n" in proc.stdout
-    assert "latest:      outputs/vae/latest -> first (latent.path=outputs/vae/latest/vae)" in proc.stdout
+    assert "latest:      outputs/vae/latest -> first (python train.py latent=vae latent.path=outputs/vae/latest/vae)" in proc.stdout
     assert "val/rec_mse_ema:" in proc.stdout
     assert os.readlink(tmp_path / "outputs" / "vae" / "latest") == "first"
     vae = load_vae(tmp_path / "outputs" / "vae" / "latest" / "vae")

@@ -299,7 +299,7 @@ def _show(path: Path) -> str:
 
 NEXT_USE = {
     "train": "python sample.py ckpt={latest}",
-    "vae": "latent=vae latent.path={latest}/vae",
+    "vae": "python train.py latent=vae latent.path={latest}/vae",
 }
 """How the newest run of each task is used next, printed beside the ``latest`` link (classifiers: _classifier_use)."""
 
