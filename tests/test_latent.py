@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 
 import numpy as np
@@ -15,7 +14,7 @@ from difflab.data import DigitsDataModule
 from difflab.errors import ConfigError
 from difflab.latent import LatentSpace, use_cached_latents
 from difflab.samplers import DDIM
-from difflab.tasks import build_module, load_checkpoint, sample, train, train_vae
+from difflab.tasks import load_checkpoint, sample, train, train_vae
 from difflab.vae import save_vae
 from tests.conftest import TINY_TRAIN, compose, run_script
 from tests.test_vae import TINY_VAE

@@ -26,7 +26,6 @@ from difflab.noise import (
     CovarianceNoise,
     IIDNoise,
     LowRankNoise,
-    OffsetNoise,
     ShapedNoise,
     SpectralNoise,
     dct_matrix,
