@@ -51,7 +51,7 @@ def test_evaluate_writes_fid_kid_and_bits_per_dim(trained_run, feature_run, feat
     nll = results["nll"]
     settings = (nll["split"], nll["num_images"], nll["estimator"], nll["variance"])
     assert settings == ("val", 16, "stratified", "beta_tilde")
-    assert nll["terms_timesteps"] == [[0, 1], [1, 200], [200, 400], [400, 600], [600, 800], [800, 1000]]
+    assert nll["terms_timesteps"] == [[0, 1], [1, 4], [4, 16], [16, 63], [63, 251], [251, 1000]]
     assert sum(nll["terms_bpd"]) == pytest.approx(m["nll_kl_bpd"] + m["nll_decoder_bpd"], rel=1e-6)
     # the value is that of the first 16 held-out images under the EMA weights, with the run's seed
     held_out = DigitsDataModule(resolution=8).split("val")[0][:16]

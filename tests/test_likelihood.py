@@ -136,7 +136,7 @@ def test_stratified_estimator_is_unbiased_with_the_stated_variance():
     x0 = torch.zeros(20_000, 1, 1, 1, dtype=torch.float64)
     bound = variational_bound(*_known_terms(g), x0, abar, num_strata=7, seed=3, batch_size=10_000)
     variance = sum((hi - lo) ** 2 * g[lo:hi].var(unbiased=False) for lo, hi in bound.bounds)
-    assert [hi - lo for lo, hi in bound.bounds] == [14, 14, 14, 14, 14, 14, 15]
+    assert [hi - lo for lo, hi in bound.bounds] == [1, 2, 3, 7, 13, 25, 48]  # edges round(100^(k/7))
     assert bound.kl.mean().item() == pytest.approx(g[1:].sum().item(), abs=3 * math.sqrt(variance / len(x0)))
     assert bound.kl.var().item() == pytest.approx(variance.item(), rel=0.05)  # 20,000 draws: ~1% std on a variance
     torch.testing.assert_close(bound.decoder, g[0].expand(len(x0)))
@@ -145,8 +145,12 @@ def test_stratified_estimator_is_unbiased_with_the_stated_variance():
 
 
 def test_strata_cover_the_kl_timesteps_once():
-    assert strata(1000, 3) == [(1, 334), (334, 667), (667, 1000)]
-    assert strata(10) == [(t, t + 1) for t in range(1, 10)]
+    assert strata(1000, 3) == [(1, 10), (10, 100), (100, 1000)]
+    assert strata(10) == strata(10, 9) == [(t, t + 1) for t in range(1, 10)]
+    for k in (1, 2, 50, 100, 500, 998):
+        edges = strata(1000, k)
+        assert len(edges) == k and edges[0][0] == 1 and edges[-1][1] == 1000
+        assert all(lo < hi == next_lo for (lo, hi), (next_lo, _) in zip(edges, edges[1:] + [(1000, None)]))
     for k in (0, 10, 2.5):
         with pytest.raises(ValueError, match=r"integer in \[1, T - 1 = 9\]"):
             strata(10, k)

@@ -13,7 +13,8 @@ each is estimated with one draw of x_t per image and timestep, so even the "exac
 timesteps) is an unbiased one-sample estimate of L for each image, exact on average over images.
 
 **Stratified estimator over K timesteps.** The T - 1 KL terms t = 1..T-1 are cut into K contiguous
-strata S_k of sizes n_k differing by at most one (:func:`strata`). For each image, one t_k is drawn
+strata S_k of n_k timesteps, geometric in t (:func:`strata`: single timesteps at small t, where the
+terms are largest and change fastest; wide strata at large t, where they are small). For each image, one t_k is drawn
 uniformly in each stratum and the KL sum is estimated by sum_k n_k L_{t_k - 1}: unbiased, since
 E[n_k L_{t_k - 1}] = sum_{t in S_k} L_{t-1}, with variance sum_k n_k^2 Var_{t in S_k}(L_{t-1}) from the
 draw of t (plus the one-draw noise of x_t the exact sum has too). L_0 is always computed (t = 0) and
@@ -47,14 +48,20 @@ Term = Callable[[Tensor, Prediction, Tensor], Tensor]
 
 
 def strata(num_timesteps: int, num_strata: int | None = None) -> list[tuple[int, int]]:
-    """K contiguous strata [lo, hi) covering t = 1..T-1, sizes differing by at most one; None: T - 1 single steps."""
+    """K contiguous strata [lo, hi) of t = 1..T-1 with geometric edges round(T^(k/K)); None: T - 1 single timesteps.
+
+    The edges grow geometrically (each at least one above the last, leaving room for the rest), so the
+    small t, where the KL terms are largest and change fastest, get strata of one or a few timesteps.
+    """
     k = num_timesteps - 1 if num_strata is None else num_strata
     if int(k) != k or not 1 <= k <= num_timesteps - 1:
         raise ValueError(
             f"the number of NLL timesteps must be an integer in [1, T - 1 = {num_timesteps - 1}] (or null: all), "
             f"got {k}"
         )
-    edges = [1 + (i * (num_timesteps - 1)) // k for i in range(k + 1)]
+    edges = [1]
+    for i in range(1, k + 1):
+        edges.append(min(max(edges[-1] + 1, round(num_timesteps ** (i / k))), num_timesteps - (k - i)))
     return list(zip(edges[:-1], edges[1:]))
 
 
