@@ -61,3 +61,28 @@ def trained_run(tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("train") / "run"
     run_script("train.py", *TINY_TRAIN, f"hydra.run.dir={run_dir}")
     return run_dir
+
+
+FEATURE_CLASSIFIER = [
+    "dataset.resolution=8", "dataset.batch_size=32", "trainer.max_steps=20", "trainer.val_check_interval=20",
+    "trainer.limit_val_batches=1", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
+    "classifier.net.block_out_channels=[16,32]", "logger=none",
+]
+
+
+@pytest.fixture(scope="session")
+def feature_run(tmp_path_factory) -> Path:
+    """A tiny clean-image classifier trained for 20 steps by the train_classifier task (feature_classifier config)."""
+    from difflab.tasks import train_classifier
+
+    run_dir = tmp_path_factory.mktemp("features") / "run"
+    train_classifier(compose("feature_classifier", [*FEATURE_CLASSIFIER, f"output_dir={run_dir}"]))
+    return run_dir
+
+
+@pytest.fixture(scope="session")
+def features(feature_run):
+    """The FID / KID features of that classifier (8 x 8 digits, 32-d)."""
+    from difflab.metrics import ClassifierFeatures
+
+    return ClassifierFeatures.from_checkpoint(feature_run)

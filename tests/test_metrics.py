@@ -33,27 +33,6 @@ from difflab.metrics.features import default_inception_path, packaged_inception_
 from difflab.summarize import main as summarize_main
 from tests.conftest import TINY_TRAIN, compose, run_script
 
-FEATURE_CLASSIFIER = [
-    "dataset.resolution=8", "dataset.batch_size=32", "trainer.max_steps=20", "trainer.val_check_interval=20",
-    "trainer.limit_val_batches=1", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
-    "classifier.net.block_out_channels=[16,32]", "logger=none",
-]
-
-
-@pytest.fixture(scope="session")
-def feature_run(tmp_path_factory) -> Path:
-    """A tiny clean-image classifier trained for 20 steps by the train_classifier task (feature_classifier config)."""
-    from difflab.tasks import train_classifier
-
-    run_dir = tmp_path_factory.mktemp("features") / "run"
-    train_classifier(compose("feature_classifier", [*FEATURE_CLASSIFIER, f"output_dir={run_dir}"]))
-    return run_dir
-
-
-@pytest.fixture(scope="session")
-def features(feature_run) -> ClassifierFeatures:
-    return ClassifierFeatures.from_checkpoint(feature_run)
-
 
 @pytest.fixture(scope="session")
 def digits() -> torch.Tensor:

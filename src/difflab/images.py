@@ -16,6 +16,11 @@ def quantize(images: Tensor) -> Tensor:
     return ((images.detach().float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
 
 
+def snap_to_8bit(images: Tensor) -> Tensor:
+    """Images in [-1, 1] rounded to the nearest of the 256 levels k / 127.5 - 1 that a PNG holds; same dtype."""
+    return (quantize(images).to(images.dtype) / 127.5 - 1).to(images.device)
+
+
 def to_uint8(images: Tensor) -> np.ndarray:
     """Model-space images in [-1, 1], (N, C, H, W) float -> uint8 (N, H, W, C), guided-diffusion's convention."""
     return quantize(images.cpu()).permute(0, 2, 3, 1).numpy()

@@ -1,13 +1,16 @@
-"""The bodies of the entry points (train, train_classifier, train_vae, sample), as plain functions tests call."""
+"""The bodies of the entry points (train, train_classifier, train_vae, sample, evaluate), as plain functions tests call."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import pickle
+import time
 import zipfile
-from pathlib import Path
 from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -19,14 +22,19 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from difflab.callbacks import Preemption
-from difflab.checkpointing import AtomicCheckpointIO
+from difflab.checkpointing import AtomicCheckpointIO, atomic_write
 from difflab.classifier import ClassifierModule
+from difflab.data.base import SPLITS
 from difflab.distributed import RankConsistency, forward_signals_to_children, launch_settings
 from difflab.errors import ConfigError
 from difflab.guidance import balanced_labels
 from difflab.images import save_grid, to_uint8
 from difflab.latent import use_cached_latents
+from difflab.likelihood import bits_per_dim, check_supported, nll_sampler, variance_name
+from difflab.metrics import dataset_description, reference_features, reference_images, sample_quality
 from difflab.module import DiffusionModule
+from difflab.samplers import Sampler
+from difflab.summarize import RESULTS_FILE
 from difflab.vae import VAEModule, latent_shape
 
 log = logging.getLogger(__name__)
@@ -40,8 +48,7 @@ def _instantiate(node: DictConfig, what: str, **kwargs: Any) -> Any:
     try:
         return instantiate(node, **kwargs)
     except Exception as err:
-        cause = _root_cause(err)
-        raise (cause if isinstance(cause, ConfigError) else ConfigError(f"{what} config is invalid: {cause}")) from err
+        raise (_config_error(err) or ConfigError(f"{what} config is invalid: {_root_cause(err)}")) from err
 
 
 LOSS_DEFAULTS = {"weighting": "uniform", "min_snr_gamma": 5.0, "learn_variance": False, "vlb_weight": 0.001,
@@ -110,6 +117,13 @@ def build_autoencoder(cfg: DictConfig) -> VAEModule:
     module = _instantiate(cfg.autoencoder, "autoencoder")
     module.save_hyperparameters({"run_config": OmegaConf.to_container(cfg, resolve=True)})
     return module
+
+
+def _config_error(err: BaseException | None) -> ConfigError | None:
+    """The outermost ConfigError in ``err``'s chain of causes (it says the most), or None."""
+    while err is not None and not isinstance(err, ConfigError):
+        err = err.__cause__
+    return err
 
 
 def _root_cause(err: BaseException) -> BaseException:
@@ -432,28 +446,53 @@ def _sample_labels(cfg: DictConfig, num_classes: int | None, class_names: list[s
     return torch.tensor(ids)[torch.arange(cfg.num_samples) % len(ids)]
 
 
-def sample(cfg: DictConfig) -> dict[str, Any]:
-    """Sample ``cfg.num_samples`` images from ``cfg.ckpt``; writes samples.npz (arr_0: uint8 NHWC, arr_1: labels) and grid.png."""
-    if int(cfg.num_samples) != cfg.num_samples or cfg.num_samples <= 0:
-        raise ConfigError(f"num_samples must be a positive integer, got {cfg.num_samples}")
-    if int(cfg.batch_size) != cfg.batch_size or cfg.batch_size <= 0:
-        raise ConfigError(f"batch_size must be a positive integer, got {cfg.batch_size}")
+def _check_counts(cfg: DictConfig, *keys: str) -> None:
+    """Refuse a ``cfg`` count (num_samples, batch_size, ...) that is not a positive integer."""
+    for key in keys:
+        value = cfg[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ConfigError(f"{key} must be a positive integer, got {value}")
+
+
+def _out_dir(cfg: DictConfig, names: tuple[str, ...]) -> Path:
+    """``cfg.out_dir`` (default: the run dir); refused if it is a file, or holds one of ``names`` and not overwrite."""
     out_dir = Path(cfg.out_dir or cfg.output_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise ConfigError(f"out_dir={out_dir} is an existing file, not a directory")
-    for name in ("samples.npz", "grid.png"):
+    for name in names:
         if (out_dir / name).exists() and not cfg.overwrite:
             raise ConfigError(f"{out_dir / name} already exists: pick another out_dir, or set overwrite=true")
-    sampler = _instantiate(cfg.sampler, "sampler")
-    device = _device(cfg.device)
-    module = load_checkpoint(cfg.ckpt, cfg.get("vae_path")).to(device)
+    return out_dir
+
+
+@dataclass
+class SamplingPlan:
+    """What sample.py and evaluate.py draw: the sampler, each sample's label, ``module.generate``'s guidance."""
+
+    sampler: Sampler
+    labels: torch.Tensor | None
+    num_samples: int
+    guidance: dict[str, Any]
+    class_names: list[str]
+
+    def draw(self, module: DiffusionModule, cfg: DictConfig) -> torch.Tensor:
+        """The plan's images (N, C, H, W) in [-1, 1] from ``cfg.seed``, ``cfg.batch_size`` at a time."""
+        return module.generate(
+            self.sampler, self.num_samples, cfg.seed, cfg.batch_size, labels=self.labels, progress=cfg.progress,
+            **self.guidance,
+        )
+
+
+def _sampling_plan(cfg: DictConfig, sampler: Sampler, module: DiffusionModule, device: torch.device) -> SamplingPlan:
+    """Check the guidance settings against the model (and ``cfg.classifier``) and pick the labels (:func:`sample`)."""
     module.check_sampler(sampler)
     try:
         module.check_guidance_scale(cfg.guidance_scale)
     except ValueError as err:
         raise ConfigError(f"{cfg.ckpt}: {err}") from err
     class_names = list(module.hparams["run_config"].get("conditioning", {}).get("class_names", []))
-    num_classes, source, guidance = module.num_classes, f"the model {cfg.ckpt}", {}
+    num_classes, source = module.num_classes, f"the model {cfg.ckpt}"
+    guidance = {"use_ema": cfg.use_ema, "guidance_scale": cfg.guidance_scale, "guidance_rescale": cfg.guidance_rescale}
     if cfg.classifier is not None:
         if module.latent is not None:
             raise ConfigError(
@@ -468,20 +507,202 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
             raise ConfigError(f"classifier {cfg.classifier} has {k} classes, the model {num_classes}")
         num_classes = k
         class_names = class_names or list(classifier.hparams["run_config"].get("class_names", []))
-        guidance = {"classifier": classifier.net, "classifier_scale": cfg.classifier_scale}
+        guidance |= {"classifier": classifier.net, "classifier_scale": cfg.classifier_scale}
     labels = _sample_labels(cfg, num_classes, class_names, source)
     num_samples = cfg.num_samples if labels is None else len(labels)
-    if class_names:
-        print(f"classes:     {dict(enumerate(class_names))}", flush=True)
-    images = to_uint8(
-        module.generate(
-            sampler, num_samples, cfg.seed, cfg.batch_size, labels=labels, progress=cfg.progress, use_ema=cfg.use_ema,
-            guidance_scale=cfg.guidance_scale, guidance_rescale=cfg.guidance_rescale, **guidance,
-        )
-    )
+    return SamplingPlan(sampler, labels, num_samples, guidance, class_names)
+
+
+def sample(cfg: DictConfig) -> dict[str, Any]:
+    """Sample ``cfg.num_samples`` images from ``cfg.ckpt``; writes samples.npz (arr_0: uint8 NHWC, arr_1: labels) and grid.png."""
+    _check_counts(cfg, "num_samples", "batch_size")
+    out_dir = _out_dir(cfg, ("samples.npz", "grid.png"))
+    sampler = _instantiate(cfg.sampler, "sampler")
+    device = _device(cfg.device)
+    module = load_checkpoint(cfg.ckpt, cfg.get("vae_path")).to(device)
+    plan = _sampling_plan(cfg, sampler, module, device)
+    if plan.class_names:
+        print(f"classes:     {dict(enumerate(plan.class_names))}", flush=True)
+    images = to_uint8(plan.draw(module, cfg))
+    labels = plan.labels
     out_dir.mkdir(parents=True, exist_ok=True)
     arrays = {"arr_0": images} if labels is None else {"arr_0": images, "arr_1": labels.numpy()}
     np.savez(out_dir / "samples.npz", **arrays)
     grid = save_grid(images, out_dir / "grid.png", scale=cfg.grid_scale, labels=None if labels is None else labels.numpy())
     print(f"samples:     {_show(out_dir / 'samples.npz')} {images.shape} {images.dtype}\ngrid:        {_show(grid)}", flush=True)
     return {"samples": out_dir / "samples.npz", "grid": grid, "images": images, "labels": labels}
+
+
+EVALUATION_METRICS = ("fid", "kid", "nll")
+RESULTS_SCHEMA = 1
+"""The version of results.json (its schema is in :mod:`difflab.summarize`)."""
+
+
+def _metric_names(value: Any) -> list[str]:
+    """The asked-for metrics (``metrics=[fid,kid,nll]``, or one name), in EVALUATION_METRICS order."""
+    names = [value] if isinstance(value, str) else list(value or [])
+    unknown = [name for name in names if name not in EVALUATION_METRICS]
+    if unknown or not names:
+        raise ConfigError(
+            f"metrics={names} has {'unknown ' + ', '.join(map(str, unknown)) if unknown else 'no metric'}: "
+            f"allowed are {', '.join(EVALUATION_METRICS)} (e.g. metrics=[fid,kid,nll])"
+        )
+    return [name for name in EVALUATION_METRICS if name in names]
+
+
+def _choice(group: str, fallback: str) -> str:
+    """The option of config group ``group`` this Hydra job composed (``sampler=ddim``: ddim); else ``fallback``."""
+    if HydraConfig.initialized():
+        return str(HydraConfig.get().runtime.choices.get(group) or fallback)
+    return fallback
+
+
+def _check_evaluation(cfg: DictConfig, metrics: list[str]) -> None:
+    """Refuse bad evaluate.py settings that need no checkpoint to judge."""
+    _check_counts(cfg, "num_samples", "batch_size")
+    if {"fid", "kid"} & set(metrics):
+        if cfg.num_samples < 2:
+            raise ConfigError(f"fid and kid need num_samples >= 2, got {cfg.num_samples}")
+        _check_counts(cfg, "kid_subsets", "kid_subset_size")
+        if cfg.reference_split not in SPLITS:
+            raise ConfigError(f"reference_split={cfg.reference_split} is not one of {', '.join(SPLITS)}")
+    if "nll" in metrics:
+        for key in ("timesteps", "num_images"):
+            if cfg.nll[key] is not None:
+                _check_counts(cfg.nll, key)
+        if cfg.nll.split not in SPLITS:
+            raise ConfigError(f"nll.split={cfg.nll.split} is not one of {', '.join(SPLITS)} (val: the held-out images)")
+
+
+def _nll_images(cfg: DictConfig, datamodule: Any, module: DiffusionModule) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The images (and, for a class-conditional model, labels) whose bits/dim evaluate.py reports."""
+    images, labels = datamodule.split(cfg.nll.split)
+    if images.shape[0] == 0:
+        raise ConfigError(
+            f"nll.split={cfg.nll.split} holds no images (dataset.val_fraction={datamodule.val_fraction}): "
+            "use nll.split=train"
+        )
+    count = cfg.nll.num_images or images.shape[0]
+    return images[:count], labels[:count] if module.num_classes else None
+
+
+def evaluate(cfg: DictConfig) -> dict[str, Any]:
+    """FID / KID of samples and the NLL bound in bits/dim of ``cfg.ckpt``; writes ``<out_dir>/results.json``.
+
+    Only what ``cfg.metrics`` asks for is computed: sampling for fid / kid, the bound for nll
+    (:mod:`difflab.likelihood`, on the checkpoint's held-out split). Every setting is checked
+    before any of them starts. Returns the results (``summarize``'s schema).
+    """
+    metrics = _metric_names(cfg.metrics)
+    quality = bool({"fid", "kid"} & set(metrics))
+    _check_evaluation(cfg, metrics)
+    out_dir = _out_dir(cfg, (RESULTS_FILE,))
+    sampler = _instantiate(cfg.sampler, "sampler")
+    device = _device(cfg.device)
+    ckpt = resolve_checkpoint(cfg.ckpt)
+    module = load_checkpoint(ckpt, cfg.get("vae_path")).to(device)
+    datamodule = instantiate(module.hparams["run_config"]["dataset"])  # the data the model was trained on
+    num_timesteps = module.schedule.num_timesteps
+    plan, features = None, None
+    if quality:
+        plan = _sampling_plan(cfg, sampler, module, device)
+        features = _instantiate(cfg.features, "features")
+        try:
+            features.check_images(module.net.sample_shape)
+        except ValueError as err:
+            raise ConfigError(
+                f"features={_choice('features', type(features).__name__)} cannot embed the images of {ckpt} "
+                f"(shape {module.net.sample_shape}): {err}"
+            ) from err
+        features.to(device)
+    if "nll" in metrics:
+        check_supported(module)
+        nll_sampler(module, sampler)
+        if cfg.nll.timesteps is not None and cfg.nll.timesteps > num_timesteps - 1:
+            raise ConfigError(
+                f"nll.timesteps={cfg.nll.timesteps} exceeds the model's T - 1 = {num_timesteps - 1} KL terms: "
+                "give fewer, or nll.timesteps=null for all of them (exact)"
+            )
+        nll_images, nll_labels = _nll_images(cfg, datamodule, module)
+
+    results: dict[str, Any] = {
+        "schema": RESULTS_SCHEMA,
+        "ckpt": str(ckpt),
+        "sampler": {
+            "name": _choice("sampler", type(sampler).__name__.lower()),
+            **{k: v for k, v in OmegaConf.to_container(cfg.sampler, resolve=True).items() if k != "_target_"},
+        },
+        "num_steps": sampler.num_steps or num_timesteps,
+        "guidance_scale": cfg.guidance_scale,
+        "num_samples": plan.num_samples if plan else None,
+        "seed": cfg.seed,
+        "use_ema": cfg.use_ema,
+        "features": {"name": _choice("features", type(features).__name__), "fingerprint": features.fingerprint}
+        if features else None,
+        "metrics": {},
+        "seconds": None,
+        "seconds_per_image": None,
+    }
+    lines = [f"checkpoint:  {_show(ckpt)}"]
+    if plan is not None:
+        started = time.perf_counter()
+        images = plan.draw(module, cfg)
+        seconds = time.perf_counter() - started
+        results |= {"seconds": seconds, "seconds_per_image": seconds / plan.num_samples}
+        real = reference_images(datamodule, cfg.reference_split)
+        source = {**dataset_description(datamodule), "split": cfg.reference_split}
+        reference = reference_features(real, features, source, cfg.cache_dir, cfg.batch_size)
+        scores = sample_quality(
+            images, reference, features, cfg.batch_size, cfg.kid_subsets, cfg.kid_subset_size, cfg.seed
+        )
+        results["reference"] = {"split": cfg.reference_split, "num_images": int(real.shape[0])}
+        if "fid" in metrics:
+            results["metrics"]["fid"] = scores["fid"]
+        if "kid" in metrics:
+            results["metrics"] |= {k: scores[k] for k in ("kid_mean", "kid_std", "kid_subset_size")}
+        lines.append(
+            f"sampled:     {plan.num_samples} images, {results['sampler']['name']} {results['num_steps']} steps, "
+            f"{seconds:.1f} s ({seconds / plan.num_samples:.4f} s/image)"
+        )
+        name, split = results["features"]["name"], cfg.reference_split
+        against = f"({name} features; {plan.num_samples} samples vs {real.shape[0]} {split} images)"
+        if "fid" in metrics:
+            lines.append(f"FID:         {scores['fid']:.6g}  {against}")
+        if "kid" in metrics:
+            lines.append(
+                f"KID:         {scores['kid_mean']:.6g} +- {scores['kid_std']:.3g}  (subsets of {scores['kid_subset_size']})"
+            )
+    if "nll" in metrics:
+        started = time.perf_counter()
+        terms = bits_per_dim(
+            module, nll_images, nll_labels, sampler, cfg.nll.timesteps, cfg.seed, cfg.batch_size, cfg.use_ema
+        )
+        seconds = time.perf_counter() - started
+        summary = terms.summary()
+        results["metrics"] |= summary
+        k = len(terms.bounds)
+        results["nll"] = {
+            "split": cfg.nll.split,
+            "num_images": int(nll_images.shape[0]),
+            "labels": "true labels (p(x | y), no guidance)" if nll_labels is not None else None,
+            "data": "rounded to the 8-bit grid (256 levels per channel)",
+            "estimator": "exact" if terms.exact else "stratified",
+            "timesteps": k,
+            "evaluations_per_image": k + 1,
+            "variance": variance_name(module, nll_sampler(module, sampler)),
+            "use_ema": cfg.use_ema,
+            "seed": cfg.seed,
+            "seconds": seconds,
+            "terms_timesteps": [[0, 1], *[list(b) for b in terms.bounds]],
+            "terms_bpd": [float(terms.decoder.double().mean()), *terms.strata.double().mean(0).tolist()],
+        }
+        lines.append(
+            f"bits/dim:    {summary['nll_bpd']:.4f} +- {summary['nll_bpd_stderr']:.4f}  "
+            f"(L_T {summary['nll_prior_bpd']:.4f} + KL terms {summary['nll_kl_bpd']:.4f} + L_0 "
+            f"{summary['nll_decoder_bpd']:.4f}; {nll_images.shape[0]} {cfg.nll.split} images, "
+            f"{'all' if terms.exact else k} + 1 timesteps each, {results['nll']['variance']} variance)"
+        )
+    path = atomic_write(out_dir / RESULTS_FILE, lambda f: f.write(json.dumps(results, indent=2).encode()))
+    lines.append(f"results:     {_show(path)}")
+    print("\n".join(lines), flush=True)
+    return results

@@ -17,6 +17,10 @@ from difflab.distributed import device_batch_size
 from difflab.errors import ConfigError
 
 
+SPLITS = ("train", "val", "all")
+"""The image sets of a DataModule: its training split, its held-out validation split, or both."""
+
+
 def _batch_as_is(batch: Any) -> Any:
     return batch
 
@@ -115,6 +119,14 @@ class InMemoryDataModule(L.LightningDataModule):
     def train_source(self) -> TensorImages:
         """What training reads: the training images, or their cached latents."""
         return self.train_set if self.encoded is None else self.encoded[0]
+
+    def split(self, name: str) -> tuple[Tensor, Tensor]:
+        """(images (M, C, H, W) in [-1, 1], labels (M,)) of the ``train``, ``val`` or ``all`` split, un-augmented."""
+        if name not in SPLITS:
+            raise ConfigError(f"split={name!r} is not one of {', '.join(SPLITS)}")
+        self.setup("fit")
+        parts = {"train": [self.train_set], "val": [self.val_set], "all": [self.train_set, self.val_set]}[name]
+        return torch.cat([part.images for part in parts]), torch.cat([part.labels for part in parts])
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(

@@ -51,6 +51,9 @@ class FeatureExtractor(nn.Module):
     def train(self, mode: bool = True) -> FeatureExtractor:
         return super().train(False)
 
+    def check_images(self, shape: tuple[int, ...]) -> None:
+        """Raise ValueError if images of ``shape`` (C, H, W) cannot be embedded (any shape can, unless overridden)."""
+
 
 class ClassifierFeatures(FeatureExtractor):
     """phi(x) = the classifier's pooled penultimate features at t = 0 (B, num_features).
@@ -93,12 +96,17 @@ class ClassifierFeatures(FeatureExtractor):
         data = classifier.hparams["run_config"]["dataset"]
         return cls(classifier.net, (int(data["channels"]), int(data["resolution"]), int(data["resolution"])))
 
+    def check_images(self, shape: tuple[int, ...]) -> None:
+        """Any size (resized to the classifier's), but the classifier's number of channels."""
+        if shape[0] != self.image_shape[0]:
+            c = self.image_shape[0]
+            raise ValueError(f"the feature classifier was trained on {c}-channel images, got {shape[0]}")
+
     @torch.no_grad()
     def forward(self, images: Tensor) -> Tensor:
         """images (N, C, H, W) in [-1, 1] -> features (N, num_features)."""
+        self.check_images(tuple(images.shape[1:]))
         c, h, w = self.image_shape
-        if images.shape[1] != c:
-            raise ValueError(f"the feature classifier was trained on {c}-channel images, got {images.shape[1]}")
         if tuple(images.shape[2:]) != (h, w):
             images = F.interpolate(images, size=(h, w), mode="bilinear", align_corners=False, antialias=True)
         t = torch.zeros(images.shape[0], dtype=torch.long, device=images.device)
@@ -193,11 +201,15 @@ class InceptionFeatures(FeatureExtractor):
         # A TorchScript module does not pickle; spawned DDP ranks load the file again.
         return type(self), (self.requested_path,)
 
+    def check_images(self, shape: tuple[int, ...]) -> None:
+        """Gray or RGB images of any size (resized to 299 x 299)."""
+        if shape[0] not in (1, 3):
+            raise ValueError(f"InceptionFeatures takes 1- or 3-channel images, got {shape[0]} channels")
+
     @torch.no_grad()
     def forward(self, images: Tensor) -> Tensor:
         """images (N, 1 or 3, H, W) in [-1, 1] -> pool3 features (N, 2048)."""
-        if images.shape[1] not in (1, 3):
-            raise ValueError(f"InceptionFeatures takes 1- or 3-channel images, got {images.shape[1]} channels")
+        self.check_images(tuple(images.shape[1:]))
         x = quantize(images).float() / 255
         x = x.expand(-1, 3, -1, -1)
         x = F.interpolate(x, size=(INCEPTION_SIZE, INCEPTION_SIZE), mode="bilinear", align_corners=False)

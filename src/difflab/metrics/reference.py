@@ -42,7 +42,6 @@ log = logging.getLogger(__name__)
 
 REFERENCE_VERSION = 1
 """Bumped whenever the way reference features are computed changes: older cache entries then miss."""
-SPLITS = ("train", "val", "all")
 DATASET_SETTINGS = ("resolution", "channels", "val_fraction", "split_seed", "hflip", "path")
 """DataModule attributes that decide which images a split holds and how they look (``batch_size`` does not)."""
 
@@ -59,14 +58,8 @@ def dataset_description(datamodule: Any) -> dict[str, Any]:
 
 
 def reference_images(datamodule: Any, split: str = "train") -> Tensor:
-    """The images (M, C, H, W) in [-1, 1] of a set-up in-memory DataModule's ``split`` (un-augmented)."""
-    if split not in SPLITS:
-        raise ValueError(f"reference split={split!r} is not one of {SPLITS}")
-    if datamodule.train_set is None:
-        datamodule.setup("fit")
-    train, val = datamodule.train_set, datamodule.val_set
-    parts = {"train": [train], "val": [val], "all": [train, val]}
-    images = torch.cat([part.images for part in parts[split]])
+    """The images (M, C, H, W) in [-1, 1] of an in-memory DataModule's ``split`` (un-augmented; see ``split``)."""
+    images = datamodule.split(split)[0]
     if images.shape[0] < 2:
         raise ValueError(f"the {split} split has {images.shape[0]} images; FID and KID need at least 2")
     return images
