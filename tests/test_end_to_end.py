@@ -16,7 +16,7 @@ pytestmark = pytest.mark.slow
 def test_train_writes_the_run_layout(trained_run):
     assert (trained_run / ".hydra" / "config.yaml").is_file()
     ckpts = sorted(p.name for p in (trained_run / "checkpoints").iterdir())
-    assert ckpts == ["last.ckpt", "step_000003.ckpt", "step_000006.ckpt"]
+    assert ckpts == ["best.ckpt", "last.ckpt", "step_000003.ckpt", "step_000006.ckpt"]
     grid = Image.open(trained_run / "samples" / "step_000006.png")
     assert grid.size == (4 * (2 * 8 + 3 * 2) // 1, 4 * (2 * 8 + 3 * 2))  # 2x2 images of 8 px, 2 px padding, x4
     metrics = (trained_run / "logs" / "metrics.csv").read_text()
@@ -63,7 +63,7 @@ def test_resume_continues_the_step_count(trained_run, tmp_path):
     ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert ckpt["global_step"] == 9
     assert ckpt["state_dict"]["ema._extra_state"] == {"num_updates": 9}  # EMA restored, then 3 more updates
-    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["last.ckpt", "step_000009.ckpt"]
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt", "step_000009.ckpt"]
 
 
 def test_unknown_config_option_lists_the_allowed_ones(tmp_path):

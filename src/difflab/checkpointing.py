@@ -71,12 +71,19 @@ def read_checkpoint_file(path: str | os.PathLike) -> dict[str, Any]:
                 "and difflab loads checkpoints with torch.load(weights_only=True), which allows only tensors and "
                 "plain containers, so that opening a file never runs code from it"
             ) from err
-        raise ConfigError(f"cannot load checkpoint {path}: it is truncated, corrupted or not a torch checkpoint ({err})") from err
+        raise ConfigError(_unreadable(path, err)) from err
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as err:
-        raise ConfigError(f"cannot load checkpoint {path}: it is truncated, corrupted or not a torch checkpoint ({err})") from err
+        raise ConfigError(_unreadable(path, err)) from err
     if not isinstance(ckpt, dict):
         raise ConfigError(f"{path} is not a checkpoint: it holds a {type(ckpt).__name__}, not a dict")
     return ckpt
+
+
+def _unreadable(path: str | os.PathLike, err: BaseException) -> str:
+    return (
+        f"cannot load checkpoint {path}: it is truncated, corrupted or not a torch checkpoint ({err}); give a "
+        "checkpoint written by train.py (if a save was cut short, use an earlier step_*.ckpt beside it)"
+    )
 
 
 def newest_readable(last: Path, read: Callable[[Path], T]) -> tuple[Path, T, ConfigError | None]:

@@ -109,7 +109,7 @@ def _labelled_classes(cfg: DictConfig, datamodule: Any, node: DictConfig, what: 
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit the model of ``cfg`` on its dataset; returns the final callback metrics (val/loss, ...)."""
     L.seed_everything(cfg.seed, workers=True)
-    datamodule = instantiate(cfg.dataset, seed=cfg.seed)  # the seed of the data order and augmentations
+    datamodule = _instantiate(cfg.dataset, "dataset", seed=cfg.seed)  # seed: of the data order and augmentations
     datamodule.setup("fit")  # bad data fails here, before a trainer or any output exists
     if cfg.get("conditioning") is not None and cfg.conditioning.enabled:
         _labelled_classes(cfg, datamodule, cfg.conditioning, "conditioning=class")
@@ -143,7 +143,7 @@ def run_job(fit: Callable[[DictConfig], dict[str, float]], cfg: DictConfig) -> f
 def train_classifier(cfg: DictConfig) -> dict[str, float]:
     """Fit a noise-aware classifier p(y | x_t, t) on the dataset and schedule of ``cfg`` (classifier guidance)."""
     L.seed_everything(cfg.seed, workers=True)
-    datamodule = instantiate(cfg.dataset, seed=cfg.seed)
+    datamodule = _instantiate(cfg.dataset, "dataset", seed=cfg.seed)
     datamodule.setup("fit")
     _labelled_classes(cfg, datamodule, cfg.classifier.net, "a classifier")
     cfg.class_names = list(datamodule.class_names)
@@ -438,7 +438,7 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
         raise ConfigError(f"batch_size must be a positive integer, got {cfg.batch_size}")
     out_dir = Path(cfg.out_dir or cfg.output_dir)
     if out_dir.exists() and not out_dir.is_dir():
-        raise ConfigError(f"out_dir={out_dir} is an existing file, not a directory")
+        raise ConfigError(f"out_dir={out_dir} is an existing file, not a directory: give a new or existing directory")
     for name in ("samples.npz", "grid.png"):
         if (out_dir / name).exists() and not cfg.overwrite:
             raise ConfigError(f"{out_dir / name} already exists: pick another out_dir, or set overwrite=true")
