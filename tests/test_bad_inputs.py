@@ -131,31 +131,39 @@ def _write_png(path: Path, mode: str = "L", size: int = 12) -> None:
     Image.fromarray(np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8), mode).save(path)
 
 
-def _paths(tmp: Path, trained_run: Path, conditional: Path | None) -> dict[str, Path]:
-    """The files a row may name: ``{run}`` a copy of a trained run dir, ``{tmp}`` a scratch dir, and bad files."""
+def _paths(tmp: Path, trained_run: Path, conditional: Path | None, needed: set[str] | None = None) -> dict[str, Path]:
+    """The files a row may name (only those in ``needed``, or all): ``{run}`` a copy of a trained run dir, ``{tmp}``
+    a scratch dir, ``{file}`` an existing file, image folders and bad checkpoints."""
     run = tmp / "run"
     shutil.copytree(trained_run, run)
     paths = {"run": run, "tmp": tmp, "file": tmp / "a_file", "empty_dir": tmp / "empty", "bad_image_dir": tmp / "bad",
              "cut_image_dir": tmp / "cut", "rgb_dir": tmp / "rgb", "cut_ckpt": tmp / "cut.ckpt",
              "pickle_ckpt": tmp / "pickle.ckpt"}
-    paths["file"].write_text("not a directory")
-    for name in ("empty_dir", "bad_image_dir", "cut_image_dir", "rgb_dir"):
-        paths[name].mkdir()
-    _write_png(paths["bad_image_dir"] / "good.png")
-    (paths["bad_image_dir"] / "bad.png").write_bytes(b"this is not a png")
-    _write_png(paths["cut_image_dir"] / "whole.png")
-    _write_png(paths["cut_image_dir"] / "cut.png", size=64)
-    data = (paths["cut_image_dir"] / "cut.png").read_bytes()
-    (paths["cut_image_dir"] / "cut.png").write_bytes(data[: len(data) // 2])
-    for i in range(40):
-        _write_png(paths["rgb_dir"] / f"{i}.png", mode="RGB")
-    data = (run / "checkpoints" / "last.ckpt").read_bytes()
-    paths["cut_ckpt"].write_bytes(data[: len(data) // 2])
-    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
-    ckpt["hyper_parameters"]["payload"] = Payload()
-    torch.save(ckpt, paths["pickle_ckpt"])
     if conditional is not None:
         paths["conditional"] = conditional
+    make = set(paths) if needed is None else needed
+    if "file" in make:
+        paths["file"].write_text("not a directory")
+    for name in {"empty_dir", "bad_image_dir", "cut_image_dir", "rgb_dir"} & make:
+        paths[name].mkdir()
+    if "bad_image_dir" in make:
+        _write_png(paths["bad_image_dir"] / "good.png")
+        (paths["bad_image_dir"] / "bad.png").write_bytes(b"this is not a png")
+    if "cut_image_dir" in make:
+        _write_png(paths["cut_image_dir"] / "whole.png")
+        _write_png(paths["cut_image_dir"] / "cut.png", size=64)
+        data = (paths["cut_image_dir"] / "cut.png").read_bytes()
+        (paths["cut_image_dir"] / "cut.png").write_bytes(data[: len(data) // 2])
+    if "rgb_dir" in make:
+        for i in range(40):
+            _write_png(paths["rgb_dir"] / f"{i}.png", mode="RGB")
+    if "cut_ckpt" in make:
+        data = (run / "checkpoints" / "last.ckpt").read_bytes()
+        paths["cut_ckpt"].write_bytes(data[: len(data) // 2])
+    if "pickle_ckpt" in make:
+        ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+        ckpt["hyper_parameters"]["payload"] = Payload()
+        torch.save(ckpt, paths["pickle_ckpt"])
     return paths
 
 
@@ -195,8 +203,9 @@ def conditional(tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("c", CASES)
 def test_bad_input_is_refused_clearly_before_any_step(c: Case, trained_run, request, tmp_path):
-    needs_conditional = any("{conditional}" in a for a in c.args)
-    paths = _paths(tmp_path, trained_run, request.getfixturevalue("conditional") if needs_conditional else None)
+    needed = {name for text in (*c.args, *c.says) for name in re.findall(r"\{(\w+)\}", text)}
+    paths = _paths(tmp_path, trained_run, request.getfixturevalue("conditional") if "conditional" in needed else None,
+                   needed)
     before = _digest(paths["run"])
     out = tmp_path / "out"
     _, message = _run(c, paths, out)

@@ -204,8 +204,10 @@ def _resume_from(cfg: DictConfig) -> str | None:
     """The checkpoint a fit starts from: ``ckpt_path``, else (``resume=auto``) the run dir's own last.ckpt.
 
     A run dir that already holds checkpoints is never trained over from scratch: it is resumed, or
-    (``resume=never``) refused. An unreadable last.ckpt falls back to the newest readable periodic
-    checkpoint. Resuming checks the checkpoint was written by the same experiment.
+    (``resume=never``) refused, and ``ckpt_path=`` may not start a run there. An unreadable last.ckpt
+    falls back to the newest readable periodic checkpoint. Every checkpoint is read (weights_only)
+    and checked before Lightning loads it: resuming needs the same experiment, ``ckpt_path=`` the
+    same network and noise process.
     """
     resume = cfg.get("resume", "auto")
     if resume not in ("auto", "never"):
@@ -384,7 +386,7 @@ def export(cfg: DictConfig) -> dict[str, Any]:
     ckpt, run_config = _read_checkpoint(path, "train")
     module = _module_from(ckpt, run_config)
     manifest = export_diffusers(module, out, {"checkpoint": str(path.resolve()), "global_step": int(ckpt["global_step"]),
-                                               "class_names": list(run_config.conditioning.get("class_names", []))})
+                                               "class_names": list(OmegaConf.select(run_config, "conditioning.class_names", default=[]))})
     use = f"DDPMPipeline.from_pretrained({str(out)!r})" if manifest["ddpm_pipeline"] else (
         f"UNet2DModel.from_pretrained({str(out / 'unet')!r}) (not DDPMPipeline: "
         f"{'; '.join(manifest['ddpm_pipeline_blockers'])})")
