@@ -46,7 +46,8 @@ def case(name: str, command: str, args: str, *says: str, error: type[BaseExcepti
 
 CASES = [
     case("unknown config option", "train.py", "schedule=quadratic",
-         "Could not find 'schedule/quadratic'", "Available options in 'schedule'", "cosine", "linear", error=SystemExit),
+         "Could not find 'schedule/quadratic'", "Available options in 'schedule'", "cosine", "linear",
+         error=SystemExit),
     case("unknown config key", "train", "trainer.max_stepz=3",
          "max_stepz", "To append to your config use +trainer.max_stepz=3", error=HydraException),
     case("beta out of (0, 1)", "train", "schedule.beta_end=1.5",
@@ -64,7 +65,8 @@ CASES = [
          "cannot read image {bad_image_dir}/bad.png", "an image file PIL can open", "remove or replace it"),
     case("truncated image", "train", "dataset=image_folder dataset.path={cut_image_dir}",
          "cannot read image {cut_image_dir}/cut.png", "truncated", "remove or replace it"),
-    case("channels not 1 or 3", "train", "dataset.channels=2", "dataset.channels must be 1 (grayscale) or 3 (RGB), got 2"),
+    case("channels not 1 or 3", "train", "dataset.channels=2",
+         "dataset.channels must be 1 (grayscale) or 3 (RGB), got 2"),
     case("data channels differ from the setting", "train", "dataset.channels=3",
          "dataset gives images of shape (1, 8, 8), expected (3, 8, 8)"),
     case("checkpoint missing (train)", "train", "ckpt_path={tmp}/nope.ckpt",
@@ -76,7 +78,8 @@ CASES = [
     case("checkpoint truncated (sample)", "sample", "ckpt={cut_ckpt}",
          "cannot load checkpoint {cut_ckpt}: it is truncated", "use an earlier step_*.ckpt"),
     case("checkpoint holds a pickled object (train)", "train", "ckpt_path={pickle_ckpt}",
-         "refusing to load {pickle_ckpt}", "pickled Python object (tests.test_bad_inputs.Payload)", "weights_only=True"),
+         "refusing to load {pickle_ckpt}", "pickled Python object (tests.test_bad_inputs.Payload)",
+         "weights_only=True"),
     case("checkpoint holds a pickled object (sample)", "sample", "ckpt={pickle_ckpt}",
          "refusing to load {pickle_ckpt}", "pickled Python object (tests.test_bad_inputs.Payload)"),
     case("checkpoint holds a pickled object (export)", "export", "ckpt={pickle_ckpt} out={tmp}/exported",
@@ -123,7 +126,8 @@ class Payload:
 
 
 def _digest(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
+    files = sorted(p for p in root.rglob("*") if p.is_file())
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
 
 
 def _write_png(path: Path, mode: str = "L", size: int = 12) -> None:
@@ -243,7 +247,8 @@ def markdown_table(tmp: Path, trained_run: Path, conditional: Path) -> str:
         paths = _paths(scratch, trained_run, conditional)
         error, message = _run(c, paths, scratch / "out")
         message = message.split("Config search path")[0]  # Hydra's search path: where this clone lives
-        message = " ".join(line.strip() for line in message.splitlines() if line.strip() and "HYDRA_FULL_ERROR" not in line)
+        lines_of = [line.strip() for line in message.splitlines() if line.strip() and "HYDRA_FULL_ERROR" not in line]
+        message = " ".join(lines_of)
         for name, path in sorted(paths.items(), key=lambda kv: -len(str(kv[1]))):
             message = message.replace(str(path), "{" + name + "}")
         script = c.command if c.command.endswith(".py") else f"{c.command}.py"

@@ -18,7 +18,8 @@ from tests.conftest import compose, run_script
 def test_export_loads_into_diffusers_and_matches_the_ema_network(trained_run, tmp_path):
     out = tmp_path / "exported"
     proc = run_script("export.py", f"ckpt={trained_run}", f"out={out}", cwd=tmp_path)
-    assert f"exported:    exported (step 6, EMA weights); load with diffusers' DDPMPipeline.from_pretrained('{out}')" in proc.stdout
+    use = f"DDPMPipeline.from_pretrained('{out}')"
+    assert f"exported:    exported (step 6, EMA weights); load with diffusers' {use}" in proc.stdout
     assert sorted(p.name for p in out.iterdir()) == ["difflab.json", "model_index.json", "scheduler", "unet"]
     assert (out / "unet" / "diffusion_pytorch_model.safetensors").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["exported"]  # nothing else written (no Hydra dir, no log)
@@ -58,4 +59,5 @@ def test_a_class_conditional_model_exports_its_unet_and_says_why_not_ddpm_pipeli
     unet = UNet2DModel.from_pretrained(tmp_path / "unet")
     x, t, y = torch.randn(2, 1, 8, 8), torch.tensor([3, 900]), torch.tensor([1, 3])
     with torch.no_grad():
-        assert torch.equal(unet.eval()(x, t, class_labels=y).sample, module.ema.module.unet.eval()(x, t, class_labels=y).sample)
+        expected = module.ema.module.unet.eval()(x, t, class_labels=y).sample
+        assert torch.equal(unet.eval()(x, t, class_labels=y).sample, expected)

@@ -106,7 +106,8 @@ def test_resume_from_ckpt_path_equals_the_uninterrupted_run(uninterrupted, tmp_p
 def test_preempted_and_requeued_run_equals_the_uninterrupted_run(uninterrupted, tmp_path, capsys, monkeypatch):
     """SIGUSR2 at step 8 (mid second epoch): save + stop; the same command (resume=auto) continues to step N."""
     preempted = [*RESUMABLE, f"output_dir={tmp_path}"]
-    train(compose("train", [*preempted, "+callbacks.signal._target_=tests.test_resume.SignalAt", "+callbacks.signal.step=8"]))
+    signal_at_8 = ["+callbacks.signal._target_=tests.test_resume.SignalAt", "+callbacks.signal.step=8"]
+    train(compose("train", [*preempted, *signal_at_8]))
     assert "preempted by SIGUSR2 at step 8" in capsys.readouterr().out
     assert _state(tmp_path)["global_step"] == 8
     loads = []
@@ -114,7 +115,7 @@ def test_preempted_and_requeued_run_equals_the_uninterrupted_run(uninterrupted, 
     monkeypatch.setattr(torch, "load", lambda *a, **k: loads.append(k.get("weights_only")) or torch_load(*a, **k))
     train(compose("train", preempted))
     monkeypatch.undo()
-    assert len(loads) >= 2 and all(w is True for w in loads)  # difflab's check and Lightning's restore: weights_only=True
+    assert len(loads) >= 2 and all(w is True for w in loads)  # difflab's check and Lightning's restore, weights_only
     assert f"resuming:    {tmp_path / 'checkpoints' / 'last.ckpt'}" in capsys.readouterr().out
     assert_same_training_state(_state(uninterrupted), _state(tmp_path))
 

@@ -87,7 +87,7 @@ def _unreadable(path: str | os.PathLike, err: BaseException) -> str:
 
 
 def newest_readable(last: Path, read: Callable[[Path], T]) -> tuple[Path, T, ConfigError | None]:
-    """(path, ``read(path)``, error): ``last``, or if ``read`` refuses it, the newest ``step_*.ckpt`` beside it it accepts.
+    """(path, ``read(path)``, error): ``last``, or if ``read`` refuses it, the newest ``step_*.ckpt`` that reads.
 
     ``error`` is why ``last`` was passed over (None if it was read). Raises ``last``'s error when no file reads.
     """

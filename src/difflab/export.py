@@ -1,4 +1,4 @@
-"""A trained model in diffusers' format: the EMA UNet, a DDPMScheduler of its trained betas, and what diffusers cannot know."""
+"""A trained model in diffusers' format: the EMA UNet, a DDPMScheduler of its betas, and what diffusers cannot know."""
 
 from __future__ import annotations
 

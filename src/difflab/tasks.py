@@ -374,7 +374,7 @@ def _module_from(ckpt: dict[str, Any], run_config: DictConfig) -> DiffusionModul
 
 
 def export(cfg: DictConfig) -> dict[str, Any]:
-    """Write ``cfg.ckpt``'s EMA model in diffusers' format into ``cfg.out`` (see :mod:`difflab.export`); the manifest."""
+    """Write ``cfg.ckpt``'s EMA model in diffusers' format into ``cfg.out`` (:mod:`difflab.export`); its manifest."""
     from difflab.export import export_diffusers
 
     out = Path(cfg.out).expanduser()
@@ -385,12 +385,14 @@ def export(cfg: DictConfig) -> dict[str, Any]:
     path = resolve_checkpoint(cfg.ckpt)
     ckpt, run_config = _read_checkpoint(path, "train")
     module = _module_from(ckpt, run_config)
-    manifest = export_diffusers(module, out, {"checkpoint": str(path.resolve()), "global_step": int(ckpt["global_step"]),
-                                               "class_names": list(OmegaConf.select(run_config, "conditioning.class_names", default=[]))})
+    class_names = list(OmegaConf.select(run_config, "conditioning.class_names", default=[]))
+    source = {"checkpoint": str(path.resolve()), "global_step": int(ckpt["global_step"]), "class_names": class_names}
+    manifest = export_diffusers(module, out, source)
     use = f"DDPMPipeline.from_pretrained({str(out)!r})" if manifest["ddpm_pipeline"] else (
         f"UNet2DModel.from_pretrained({str(out / 'unet')!r}) (not DDPMPipeline: "
         f"{'; '.join(manifest['ddpm_pipeline_blockers'])})")
-    print(f"exported:    {_show(out)} (step {manifest['global_step']}, EMA weights); load with diffusers' {use}", flush=True)
+    step = manifest["global_step"]
+    print(f"exported:    {_show(out)} (step {step}, EMA weights); load with diffusers' {use}", flush=True)
     return manifest
 
 

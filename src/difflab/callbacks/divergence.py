@@ -104,10 +104,9 @@ class DivergenceGuard(L.Callback):
         where = f"step {step}: {trouble}, loss {loss}"
         if action == "stop":
             self._record(trainer, event)
-            too_many = self.events > self.max_events
+            limit = f", after {self.max_events} skipped or rolled-back steps (callbacks.divergence.max_events)"
             raise DivergenceError(
-                f"training diverged at {where}"
-                + (f", after {self.max_events} skipped or rolled-back steps (callbacks.divergence.max_events)" if too_many else "")
+                f"training diverged at {where}" + (limit if self.events > self.max_events else "")
                 + f"; stopped before the weights took the step (callbacks.divergence.action={self.action}). "
                 f"Checkpoints in {self.checkpoint_dir} hold healthy steps only: resume one with a lower model.lr, "
                 "or set callbacks.divergence.action=skip or rollback"
@@ -155,7 +154,8 @@ class DivergenceGuard(L.Callback):
             config.scheduler.base_lrs = [lr * self.lr_factor for lr in config.scheduler.base_lrs]
         print(f"divergence at {where}: rolled back to {path} (step {ckpt['global_step']}), "
               f"learning rate x{self.lr_factor} = {optimizer.param_groups[0]['lr']:.3g}", flush=True)
-        return {"checkpoint": str(path), "checkpoint_step": int(ckpt["global_step"]), "lr": optimizer.param_groups[0]["lr"]}
+        lr = optimizer.param_groups[0]["lr"]
+        return {"checkpoint": str(path), "checkpoint_step": int(ckpt["global_step"]), "lr": lr}
 
     def _record(self, trainer: L.Trainer, event: dict[str, Any]) -> None:
         """One JSON line in ``events_path`` and the loggers' ``divergence/*`` metrics (rank 0)."""

@@ -5,6 +5,6 @@ from difflab.data.digits import DigitsDataModule, digits_tensor
 from difflab.data.image_folder import ImageFolderDataModule
 
 __all__ = [
-    "DigitsDataModule", "ImageFolderDataModule", "InMemoryDataModule", "ResumableLoader", "ShuffledEpochs", "TensorImages",
-    "digits_tensor",
+    "DigitsDataModule", "ImageFolderDataModule", "InMemoryDataModule", "ResumableLoader", "ShuffledEpochs",
+    "TensorImages", "digits_tensor",
 ]
