@@ -8,6 +8,7 @@ numpy and python RNGs, so every random stream of a step is exercised.
 
 from __future__ import annotations
 
+import csv
 import os
 import random
 import signal
@@ -58,6 +59,18 @@ class SignalAt(L.Callback):
 
 def _state(run_dir: Path) -> dict[str, Any]:
     return torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+
+
+LOGGED = ("train/loss", "train/lr", "train/ema_decay", "val/loss", "val/loss_ema")
+
+
+def _logged(run_dir: Path) -> dict[tuple[int, str], str]:
+    """{(step, metric): value as written} of logs/metrics.csv, for the metrics that do not depend on timing."""
+    with open(run_dir / "logs" / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    logged = {(int(row["step"]), key): row[key] for row in rows for key in LOGGED if row.get(key)}
+    assert len(logged) == sum(1 for row in rows for key in LOGGED if row.get(key)), "a (step, metric) logged twice"
+    return logged
 
 
 def assert_identical(expected: Any, actual: Any, path: str = "") -> None:
@@ -118,6 +131,11 @@ def test_preempted_and_requeued_run_equals_the_uninterrupted_run(uninterrupted, 
     assert len(loads) >= 2 and all(w is True for w in loads)  # difflab's check and Lightning's restore, weights_only
     assert f"resuming:    {tmp_path / 'checkpoints' / 'last.ckpt'}" in capsys.readouterr().out
     assert_same_training_state(_state(uninterrupted), _state(tmp_path))
+    # the log of both legs holds the uninterrupted run's log: every loss, lr and validation value, as written,
+    # plus the validation Lightning runs when a callback stops a fit (after step 8, logged at row 7)
+    full, legs = _logged(uninterrupted), _logged(tmp_path)
+    assert len(full) > 3 * STEPS and {key: legs.get(key) for key in full} == full
+    assert set(legs) - set(full) == {(7, "val/loss"), (7, "val/loss_ema")}
 
 
 def test_data_order_and_flips_depend_on_seed_and_epoch_only():

@@ -74,12 +74,12 @@ class ShuffledEpochs(DistributedSampler):
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         generator = derived_generator(self.seed, DATA, self.epoch)
-        order = torch.randperm(len(self.dataset), generator=generator)
-        seeds = torch.randint(0, 2**62, (len(self.dataset),), generator=generator)
+        order = torch.randperm(len(self.dataset), generator=generator).tolist()
+        seeds = torch.randint(0, 2**62, (len(self.dataset),), generator=generator).tolist()
         positions = range(self.rank, self.total_size, self.num_replicas)[self.skip :]
         self.skip = 0
         for p in positions:
-            yield int(order[p]), int(seeds[p])
+            yield order[p], seeds[p]
 
 
 class ResumableLoader(DataLoader):
