@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import shutil
 
 import pytest
@@ -9,7 +10,8 @@ import torch
 
 import difflab.checkpointing
 from difflab.checkpointing import AtomicCheckpointIO
-from tests.conftest import TINY_TRAIN, run_script
+from difflab.tasks import train
+from tests.conftest import TINY_TRAIN, compose, run_script
 
 
 class Killed(BaseException):
@@ -62,3 +64,22 @@ def test_resume_refuses_when_no_checkpoint_is_readable(trained_run, tmp_path):
     proc = run_script("train.py", *TINY_TRAIN, f"hydra.run.dir={run_dir}", check=False)
     assert proc.returncode != 0 and f"cannot load checkpoint {run_dir / 'checkpoints' / 'last.ckpt'}" in proc.stderr
     assert {p: p.read_bytes() for p in (run_dir / "checkpoints").iterdir()} == before
+
+
+def test_pruning_keeps_the_newest_k_periodic_checkpoints_and_the_best(tmp_path):
+    """save_top_k=2 of checkpoints every 2 steps keeps step_6 and step_8; best.ckpt holds the lowest val/loss_ema,
+    here the step-2 state (lr=1 makes validation worse after the first check), older than the K kept."""
+    train(compose("train", [
+        *TINY_TRAIN, "trainer.max_steps=8", "trainer.val_check_interval=2",
+        "callbacks.model_checkpoint.every_n_train_steps=2", "callbacks.model_checkpoint.save_top_k=2",
+        "callbacks.sample_grid.every_n_steps=100", "model.lr=1.0",
+        f"output_dir={tmp_path}",
+    ]))
+    ckpts = tmp_path / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["best.ckpt", "last.ckpt", "step_000006.ckpt", "step_000008.ckpt"]
+    with open(tmp_path / "logs" / "metrics.csv") as f:  # validation after step s is logged at row step s - 1
+        val = {int(row["step"]) + 1: float(row["val/loss_ema"]) for row in csv.DictReader(f) if row["val/loss_ema"]}
+    assert sorted(val) == [2, 4, 6, 8]
+    best = torch.load(ckpts / "best.ckpt", weights_only=True)
+    assert best["global_step"] == min(val, key=val.get) == 2
+    assert torch.load(ckpts / "last.ckpt", weights_only=True)["global_step"] == 8

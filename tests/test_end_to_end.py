@@ -1,4 +1,4 @@
-"""train.py and sample.py run as a user runs them: files, shapes, dtypes, resume, and bad input."""
+"""train.py and sample.py run as a user runs them: files, shapes, dtypes, resume (bad input: test_bad_inputs.py)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ pytestmark = pytest.mark.slow
 def test_train_writes_the_run_layout(trained_run):
     assert (trained_run / ".hydra" / "config.yaml").is_file()
     ckpts = sorted(p.name for p in (trained_run / "checkpoints").iterdir())
-    assert ckpts == ["last.ckpt", "step_000003.ckpt", "step_000006.ckpt"]
+    assert ckpts == ["best.ckpt", "last.ckpt", "step_000003.ckpt", "step_000006.ckpt"]
     grid = Image.open(trained_run / "samples" / "step_000006.png")
     assert grid.size == (4 * (2 * 8 + 3 * 2) // 1, 4 * (2 * 8 + 3 * 2))  # 2x2 images of 8 px, 2 px padding, x4
     metrics = (trained_run / "logs" / "metrics.csv").read_text()
@@ -63,48 +63,7 @@ def test_resume_continues_the_step_count(trained_run, tmp_path):
     ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert ckpt["global_step"] == 9
     assert ckpt["state_dict"]["ema._extra_state"] == {"num_updates": 9}  # EMA restored, then 3 more updates
-    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["last.ckpt", "step_000009.ckpt"]
-
-
-def test_unknown_config_option_lists_the_allowed_ones(tmp_path):
-    proc = run_script("train.py", "schedule=quadratic", f"hydra.run.dir={tmp_path}", check=False)
-    assert proc.returncode != 0
-    assert "Could not find 'schedule/quadratic'" in proc.stderr
-    assert "Available options in 'schedule':" in proc.stderr and "cosine" in proc.stderr and "linear" in proc.stderr
-    proc = run_script("train.py", "trainer.max_stepz=3", f"hydra.run.dir={tmp_path}", check=False)
-    assert proc.returncode != 0 and "Key 'max_stepz' is not in struct" in proc.stderr
-
-
-def test_bad_beta_range_fails_before_training(tmp_path):
-    proc = run_script("train.py", *TINY_TRAIN, "schedule.beta_end=1.5", f"hydra.run.dir={tmp_path}", check=False)
-    assert proc.returncode != 0
-    assert "0 < beta_start < beta_end < 1, got beta_start=0.0001, beta_end=1.5" in proc.stderr
-    assert not (tmp_path / "checkpoints").exists()
-
-
-def test_missing_checkpoint_is_a_clear_error(tmp_path):
-    proc = run_script("sample.py", f"ckpt={tmp_path}/nope.ckpt", f"hydra.run.dir={tmp_path}/s", check=False)
-    assert proc.returncode != 0
-    assert f"checkpoint not found: {tmp_path}/nope.ckpt" in proc.stderr
-
-
-def _train_cfg(tmp_path, *overrides):
-    return compose("train", [*TINY_TRAIN, f"output_dir={tmp_path}", *overrides])
-
-
-def test_image_size_not_divisible_by_the_unet(tmp_path):
-    from difflab.tasks import train
-
-    with pytest.raises(ConfigError, match="image size 18 is not divisible by the UNet's downsampling factor 4"):
-        train(_train_cfg(tmp_path, "model=small", "dataset.resolution=18"))
-    assert not any(tmp_path.iterdir())  # nothing written
-
-
-def test_missing_dataset_folder(tmp_path):
-    from difflab.tasks import train
-
-    with pytest.raises(ConfigError, match=r"dataset.path=.*no_such_dir is not a directory"):
-        train(_train_cfg(tmp_path, "dataset=image_folder", f"dataset.path={tmp_path}/no_such_dir"))
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt", "step_000009.ckpt"]
 
 
 @pytest.mark.parametrize(
@@ -122,16 +81,6 @@ def test_wrong_checkpoint_is_a_clear_error(tmp_path, content, message):
         path.write_bytes(content)
     with pytest.raises(ConfigError, match=message):
         load_checkpoint(path)
-
-
-def test_bad_sample_requests(tmp_path, trained_run):
-    from difflab.tasks import sample
-
-    with pytest.raises(ConfigError, match="num_samples must be a positive integer, got 0"):
-        sample(compose("sample", [f"ckpt={trained_run}", "num_samples=0", f"output_dir={tmp_path}"]))
-    (tmp_path / "file").write_text("x")
-    with pytest.raises(ConfigError, match="is an existing file, not a directory"):
-        sample(compose("sample", [f"ckpt={trained_run}", f"out_dir={tmp_path / 'file'}", f"output_dir={tmp_path}"]))
 
 
 def test_help_lists_the_config_groups():

@@ -1,15 +1,44 @@
-"""Weights & Biases logging whose run follows the run dir: a resumed or requeued run continues the same W&B run."""
+"""Loggers whose records follow the run dir: a resumed or requeued run continues its CSV file and its W&B run."""
 
 from __future__ import annotations
 
+import csv
 import os
 from pathlib import Path
 from typing import Any
 
-from lightning.pytorch.loggers import WandbLogger
+from lightning.fabric.loggers.logger import rank_zero_experiment
+from lightning.pytorch.loggers import CSVLogger, WandbLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.utilities import rank_zero_only
 
 RUN_ID_FILE = "wandb_run_id"
+
+
+class ContinuingExperimentWriter(ExperimentWriter):
+    """Lightning's CSV writer, except that an existing ``metrics.csv`` is continued, not deleted.
+
+    Lightning 2.6 deletes the file when its log dir is not empty, so resuming a run dir wiped the
+    metrics of every step before the interruption. Here the file's header becomes the known
+    columns and new rows are appended (a new column rewrites the file with the old rows kept).
+    """
+
+    def _check_log_dir_exists(self) -> None:
+        if self._fs.isfile(self.metrics_file_path):
+            with self._fs.open(self.metrics_file_path, "r", newline="") as f:
+                self.metrics_keys = next(csv.reader(f), [])
+
+
+class RunDirCSVLogger(CSVLogger):
+    """Lightning's CSVLogger writing through :class:`ContinuingExperimentWriter`: a resumed run appends its rows."""
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> ContinuingExperimentWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = ContinuingExperimentWriter(log_dir=self.log_dir)
+        return self._experiment
 
 
 class RunDirWandbLogger(WandbLogger):

@@ -260,7 +260,8 @@ class DiffusionModule(L.LightningModule):
         # checkpoint written at step k holds the EMA of step k (not k - 1) and resumes exactly.
         super().optimizer_step(*args, **kwargs)
         self._micro_batch = 0
-        self.ema.update(self.net)
+        if any(p.grad is not None for p in self.net.parameters()):  # a step without gradients (skipped) changed nothing
+            self.ema.update(self.net)
         self.log("train/ema_decay", self.ema.current_decay())
         # logged here rather than by LearningRateMonitor, which refuses to run without a logger
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])

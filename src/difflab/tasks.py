@@ -5,9 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-import pickle
 import time
-import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +20,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from difflab.callbacks import Preemption
-from difflab.checkpointing import AtomicCheckpointIO, atomic_write
+from difflab.checkpointing import AtomicCheckpointIO, atomic_write, newest_readable, read_checkpoint_file
 from difflab.classifier import ClassifierModule
 from difflab.data.base import SPLITS
 from difflab.distributed import RankConsistency, forward_signals_to_children, launch_settings
@@ -151,7 +149,7 @@ def _labelled_classes(cfg: DictConfig, datamodule: Any, node: DictConfig, what: 
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit the model of ``cfg`` on its dataset; returns the final callback metrics (val/loss, ...)."""
     L.seed_everything(cfg.seed, workers=True)
-    datamodule = instantiate(cfg.dataset)
+    datamodule = _instantiate(cfg.dataset, "dataset", seed=cfg.seed)  # seed: of the data order and augmentations
     datamodule.setup("fit")  # bad data fails here, before a trainer or any output exists
     if cfg.get("conditioning") is not None and cfg.conditioning.enabled:
         _labelled_classes(cfg, datamodule, cfg.conditioning, "conditioning=class")
@@ -189,7 +187,7 @@ def run_job(fit: Callable[[DictConfig], dict[str, float]], cfg: DictConfig) -> f
 def train_classifier(cfg: DictConfig) -> dict[str, float]:
     """Fit a noise-aware classifier p(y | x_t, t) on the dataset and schedule of ``cfg`` (classifier guidance)."""
     L.seed_everything(cfg.seed, workers=True)
-    datamodule = instantiate(cfg.dataset)
+    datamodule = _instantiate(cfg.dataset, "dataset", seed=cfg.seed)
     datamodule.setup("fit")
     _labelled_classes(cfg, datamodule, cfg.classifier.net, "a classifier")
     cfg.class_names = list(datamodule.class_names)
@@ -223,7 +221,7 @@ def _fit(cfg: DictConfig, module: L.LightningModule, datamodule: L.LightningData
     preemption = next((c for c in callbacks if isinstance(c, Preemption)), None)
     forward = preemption.signals if preemption and launch.get("strategy") == "ddp_spawn" else []
     with forward_signals_to_children(forward):
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     if trainer.is_global_zero:
         _report_training(Path(cfg.output_dir), metrics, cfg)
@@ -232,17 +230,10 @@ def _fit(cfg: DictConfig, module: L.LightningModule, datamodule: L.LightningData
 
 def _newest_readable(last: Path, task_name: str) -> tuple[Path, DictConfig]:
     """``last`` and its run config, or if it cannot be read, the newest periodic checkpoint beside it that can."""
-    try:
-        return last, _read_checkpoint(last, task_name)[1]
-    except ConfigError as err:
-        for candidate in sorted(last.parent.glob("step_*.ckpt"), reverse=True):
-            try:
-                saved = _read_checkpoint(candidate, task_name)[1]
-            except ConfigError:
-                continue
-            print(f"unreadable:  {_show(last)} ({err}); falling back to {candidate.name}", flush=True)
-            return candidate, saved
-        raise
+    path, (_, saved), err = newest_readable(last, lambda p: _read_checkpoint(p, task_name))
+    if err is not None:
+        print(f"unreadable:  {_show(last)} ({err}); falling back to {path.name}", flush=True)
+    return path, saved
 
 
 def _sweep_name() -> str | None:
@@ -267,40 +258,90 @@ def _resume_from(cfg: DictConfig) -> str | None:
     """The checkpoint a fit starts from: ``ckpt_path``, else (``resume=auto``) the run dir's own last.ckpt.
 
     A run dir that already holds checkpoints is never trained over from scratch: it is resumed, or
-    (``resume=never``) refused. An unreadable last.ckpt falls back to the newest readable periodic
-    checkpoint. Resuming checks the checkpoint was written by the same experiment.
+    (``resume=never``) refused, and ``ckpt_path=`` may not start a run there. An unreadable last.ckpt
+    falls back to the newest readable periodic checkpoint. Every checkpoint is read (weights_only)
+    and checked before Lightning loads it: resuming needs the same experiment, ``ckpt_path=`` the
+    same network and noise process.
     """
-    if cfg.get("ckpt_path") is not None:
-        if not Path(cfg.ckpt_path).is_file():
-            raise ConfigError(f"ckpt_path={cfg.ckpt_path} does not exist: give a .ckpt file written by an earlier run")
-        return str(cfg.ckpt_path)
     resume = cfg.get("resume", "auto")
     if resume not in ("auto", "never"):
         raise ConfigError(f"resume={resume} is not an option: use auto (continue this run dir's last.ckpt) or never")
     last = Path(cfg.output_dir) / "checkpoints" / "last.ckpt"
-    if not last.is_file():
+    held = sorted(p.name for p in [last, *last.parent.glob("step_*.ckpt")] if p.is_file())
+    if cfg.get("ckpt_path") is not None:
+        return _checked_ckpt_path(cfg, held)
+    if not held:
         return None
     if resume == "never":
         raise ConfigError(
             f"{last.parent} already holds checkpoints and resume=never: pick another run_id, or resume=auto to continue it"
         )
     last, saved = _newest_readable(last, cfg.task_name)
+    keys = ("model", "schedule", "objective", "loss", "noise", "latent", "dataset", "conditioning", "classifier",
+            "autoencoder", "seed")
+    changed, diff = _changed_settings(saved, cfg, keys)
+    if changed:
+        raise ConfigError(
+            f"{last} was written by a run with other {', '.join(changed)} settings than this command ({diff}): "
+            f"pick another run_id for a new experiment (nothing was changed in {last.parent.parent})"
+        )
+    print(f"resuming:    {_show(last)}", flush=True)
+    return str(last)
+
+
+STATE_SHAPING = ("model.net", "schedule", "objective", "loss.learn_variance", "noise", "latent", "dataset.resolution",
+                 "dataset.channels", "conditioning.enabled", "conditioning.num_classes", "classifier.net",
+                 "autoencoder.vae")
+"""The settings a checkpoint's weights only work under: the network's shape and the process it learned."""
+
+
+def _checked_ckpt_path(cfg: DictConfig, held: list[str]) -> str:
+    """``cfg.ckpt_path``, read (weights_only) and checked before Lightning sees it: a checkpoint of this task whose
+    network and noise process match this command, started in a run dir that holds no other run's checkpoints."""
+    path = Path(cfg.ckpt_path)
+    if not path.is_file():
+        raise ConfigError(f"ckpt_path={cfg.ckpt_path} does not exist: give a .ckpt file written by an earlier run")
+    ckpt_dir = Path(cfg.output_dir) / "checkpoints"
+    if held and path.resolve().parent != ckpt_dir.resolve():
+        raise ConfigError(
+            f"ckpt_path={cfg.ckpt_path} would start a run in {cfg.output_dir}, which already holds checkpoints "
+            f"({', '.join(held)}) of another run: pick another run_id (nothing was changed)"
+        )
+    saved = _read_checkpoint(path, cfg.task_name)[1]
+    changed, diff = _changed_settings(saved, cfg, STATE_SHAPING)
+    if changed:
+        raise ConfigError(
+            f"ckpt_path={cfg.ckpt_path} holds a model trained with other {', '.join(changed)} settings than this "
+            f"command ({diff}): its weights cannot continue here; use the checkpoint's settings"
+        )
+    return str(path)
+
+
+def _changed_settings(saved: DictConfig, cfg: DictConfig, keys: tuple[str, ...]) -> tuple[list[str], str]:
+    """The ``keys`` whose settings differ between a checkpoint's run config and ``cfg`` (speed knobs aside), and
+    the differing values as ``key: checkpoint's -> this command's``."""
     now = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
     for run in (saved, now):  # speed knobs may change between the legs of a run
         for knob in SPEED_KNOBS:
             parent, _, key = knob.rpartition(".")
             if OmegaConf.select(run, parent) is not None:
                 OmegaConf.select(run, parent).pop(key, None)
-    keys = ("model", "schedule", "objective", "loss", "noise", "latent", "dataset", "conditioning", "classifier",
-            "autoencoder", "seed")
     changed = [key for key in keys if OmegaConf.select(saved, key) != OmegaConf.select(now, key)]
-    if changed:
-        raise ConfigError(
-            f"{last} was written by a run with other {', '.join(changed)} settings than this command: "
-            f"pick another run_id for a new experiment (nothing was changed in {last.parent.parent})"
-        )
-    print(f"resuming:    {_show(last)}", flush=True)
-    return str(last)
+    leaves = []
+    for key in changed:
+        before, after = (_leaves(OmegaConf.select(run, key), key) for run in (saved, now))
+        leaves += [f"{k}: {before.get(k)} -> {after.get(k)}" for k in sorted(before.keys() | after.keys())
+                   if before.get(k) != after.get(k)]
+    return changed, "; ".join(leaves)
+
+
+def _leaves(node: Any, prefix: str) -> dict[str, Any]:
+    """A config node as {dotted key: leaf value}."""
+    if OmegaConf.is_config(node):
+        node = OmegaConf.to_container(node)
+    if isinstance(node, dict):
+        return {k: v for key, value in node.items() for k, v in _leaves(value, f"{prefix}.{key}").items()}
+    return {prefix: node}
 
 
 def _show(path: Path) -> str:
@@ -380,11 +421,9 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
 def _read_checkpoint(path: str | os.PathLike, task_name: str) -> tuple[dict[str, Any], DictConfig]:
     """A checkpoint's contents and run config, loaded with ``weights_only=True`` (no arbitrary pickles)."""
     p = resolve_checkpoint(path)
-    try:
-        ckpt = torch.load(p, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as err:
-        raise ConfigError(f"cannot load checkpoint {p}: it is truncated, corrupted or not a torch checkpoint ({err})") from err
-    run_config = ckpt.get("hyper_parameters", {}).get("run_config") if isinstance(ckpt, dict) else None
+    ckpt = read_checkpoint_file(p)
+    hyper_parameters = ckpt.get("hyper_parameters")
+    run_config = hyper_parameters.get("run_config") if isinstance(hyper_parameters, dict) else None
     if not run_config or "state_dict" not in ckpt:
         raise ConfigError(f"{p} is not a difflab checkpoint (it has no run config or state_dict)")
     if run_config.get("task_name") != task_name:
@@ -403,9 +442,36 @@ def load_checkpoint(path: str | os.PathLike, vae_path: str | None = None) -> Dif
         if OmegaConf.select(run_config, "latent._target_") is None:
             raise ConfigError(f"vae_path={vae_path} given, but {path} is a pixel-space model (trained with latent=none)")
         run_config.latent.path = str(vae_path)
+    return _module_from(ckpt, run_config)
+
+
+def _module_from(ckpt: dict[str, Any], run_config: DictConfig) -> DiffusionModule:
     module = build_module(run_config)
     module.load_state_dict(ckpt["state_dict"])
     return module
+
+
+def export(cfg: DictConfig) -> dict[str, Any]:
+    """Write ``cfg.ckpt``'s EMA model in diffusers' format into ``cfg.out`` (:mod:`difflab.export`); its manifest."""
+    from difflab.export import export_diffusers
+
+    out = Path(cfg.out).expanduser()
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"out={out} is an existing file, not a directory: give a new or empty directory")
+    if out.is_dir() and any(out.iterdir()) and not cfg.overwrite:
+        raise ConfigError(f"out={out} is not empty: give a new or empty directory, or set overwrite=true to replace it")
+    path = resolve_checkpoint(cfg.ckpt)
+    ckpt, run_config = _read_checkpoint(path, "train")
+    module = _module_from(ckpt, run_config)
+    class_names = list(OmegaConf.select(run_config, "conditioning.class_names", default=[]))
+    source = {"checkpoint": str(path.resolve()), "global_step": int(ckpt["global_step"]), "class_names": class_names}
+    manifest = export_diffusers(module, out, source)
+    use = f"DDPMPipeline.from_pretrained({str(out)!r})" if manifest["ddpm_pipeline"] else (
+        f"UNet2DModel.from_pretrained({str(out / 'unet')!r}) (not DDPMPipeline: "
+        f"{'; '.join(manifest['ddpm_pipeline_blockers'])})")
+    step = manifest["global_step"]
+    print(f"exported:    {_show(out)} (step {step}, EMA weights); load with diffusers' {use}", flush=True)
+    return manifest
 
 
 def load_classifier(path: str | os.PathLike) -> ClassifierModule:
@@ -458,7 +524,7 @@ def _out_dir(cfg: DictConfig, names: tuple[str, ...]) -> Path:
     """``cfg.out_dir`` (default: the run dir); refused if it is a file, or holds one of ``names`` and not overwrite."""
     out_dir = Path(cfg.out_dir or cfg.output_dir)
     if out_dir.exists() and not out_dir.is_dir():
-        raise ConfigError(f"out_dir={out_dir} is an existing file, not a directory")
+        raise ConfigError(f"out_dir={out_dir} is an existing file, not a directory: give a new or existing directory")
     for name in names:
         if (out_dir / name).exists() and not cfg.overwrite:
             raise ConfigError(f"{out_dir / name} already exists: pick another out_dir, or set overwrite=true")

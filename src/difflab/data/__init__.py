@@ -1,7 +1,10 @@
 """DataModules: the bundled digits (default) and a folder of the user's images."""
 
-from difflab.data.base import InMemoryDataModule, TensorImages
+from difflab.data.base import InMemoryDataModule, ResumableLoader, ShuffledEpochs, TensorImages
 from difflab.data.digits import DigitsDataModule, digits_tensor
 from difflab.data.image_folder import ImageFolderDataModule
 
-__all__ = ["DigitsDataModule", "ImageFolderDataModule", "InMemoryDataModule", "TensorImages", "digits_tensor"]
+__all__ = [
+    "DigitsDataModule", "ImageFolderDataModule", "InMemoryDataModule", "ResumableLoader", "ShuffledEpochs",
+    "TensorImages", "digits_tensor",
+]

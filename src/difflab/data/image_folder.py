@@ -22,7 +22,10 @@ def load_image(path: Path, resolution: int, channels: int) -> Tensor:
             img = img.convert("L" if channels == 1 else "RGB")
             img = ImageOps.fit(img, (resolution, resolution), method=Image.Resampling.BICUBIC)
     except (UnidentifiedImageError, OSError) as err:
-        raise ConfigError(f"cannot read image {path}: {err}") from err
+        raise ConfigError(
+            f"cannot read image {path}: {err} (every file with an image extension under dataset.path must be an "
+            "image file PIL can open: remove or replace it)"
+        ) from err
     x = torch.from_numpy(np.asarray(img, dtype=np.float32).copy()).reshape(resolution, resolution, channels)
     return x.permute(2, 0, 1) / 127.5 - 1
 

@@ -1,0 +1,278 @@
+"""Every bad input gets a clear error naming the value and what is allowed, before any step, touching nothing.
+
+One row per bad input in :data:`CASES` (adding one is one line). Each row runs a command in-process
+(``compose`` + ``tasks.train`` / ``sample`` / ``export``), or as a script for CLI-level errors, and
+asserts (a) the error type and that the message holds each of ``says`` (the bad value and what is
+allowed), (b) nothing was written to the command's fresh output dir (so no step ran), and (c) the
+existing run dir given to the command (a copy of the ``trained_run`` fixture) is byte-for-byte
+unchanged. ``docs/reliability.md`` lists every row with the exact error it gets:
+``python -m tests.test_bad_inputs`` runs the rows and rewrites that table, and a test checks it is current.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from hydra.errors import HydraException
+from PIL import Image
+
+from difflab.errors import ConfigError
+from tests.conftest import ROOT, TINY_TRAIN, compose, run_script
+
+
+@dataclass(frozen=True)
+class Case:
+    """A bad input: ``command`` (train | sample | export in-process; train.py as a script) with ``args``, which fails
+    with ``error`` whose message holds every string of ``says``. ``{placeholders}`` in args and says: see ``_paths``."""
+
+    name: str
+    command: str
+    args: tuple[str, ...]
+    says: tuple[str, ...]
+    error: type[BaseException] = ConfigError
+
+
+def case(name: str, command: str, args: str, *says: str, error: type[BaseException] = ConfigError) -> Any:
+    return pytest.param(Case(name, command, tuple(args.split()), says, error), id=name)
+
+
+CASES = [
+    case("unknown config option", "train.py", "schedule=quadratic",
+         "Could not find 'schedule/quadratic'", "Available options in 'schedule'", "cosine", "linear",
+         error=SystemExit),
+    case("unknown config key", "train", "trainer.max_stepz=3",
+         "max_stepz", "To append to your config use +trainer.max_stepz=3", error=HydraException),
+    case("beta out of (0, 1)", "train", "schedule.beta_end=1.5",
+         "beta_end=1.5", "0 < beta_start < beta_end < 1"),
+    case("betas not increasing", "train", "schedule.beta_start=0.02 schedule.beta_end=0.01",
+         "beta_start=0.02, beta_end=0.01", "0 < beta_start < beta_end < 1"),
+    case("T < 2", "train", "schedule.num_timesteps=1", "T=1", "T >= 2"),
+    case("image size not divisible by the UNet", "train", "model=small dataset.resolution=18",
+         "image size 18", "downsampling factor 4", "use a multiple of 4"),
+    case("dataset folder missing", "train", "dataset=image_folder dataset.path={tmp}/nowhere",
+         "dataset.path={tmp}/nowhere is not a directory", "set dataset.path=DIR to a folder of images"),
+    case("dataset folder empty", "train", "dataset=image_folder dataset.path={empty_dir}",
+         "dataset.path={empty_dir} holds no images", "looked for .png, .jpg"),
+    case("unreadable image", "train", "dataset=image_folder dataset.path={bad_image_dir}",
+         "cannot read image {bad_image_dir}/bad.png", "an image file PIL can open", "remove or replace it"),
+    case("truncated image", "train", "dataset=image_folder dataset.path={cut_image_dir}",
+         "cannot read image {cut_image_dir}/cut.png", "truncated", "remove or replace it"),
+    case("channels not 1 or 3", "train", "dataset.channels=2",
+         "dataset.channels must be 1 (grayscale) or 3 (RGB), got 2"),
+    case("data channels differ from the setting", "train", "dataset.channels=3",
+         "dataset gives images of shape (1, 8, 8), expected (3, 8, 8)"),
+    case("checkpoint missing (train)", "train", "ckpt_path={tmp}/nope.ckpt",
+         "ckpt_path={tmp}/nope.ckpt does not exist", "give a .ckpt file written by an earlier run"),
+    case("checkpoint missing (sample)", "sample", "ckpt={tmp}/nope.ckpt",
+         "checkpoint not found: {tmp}/nope.ckpt", "give ckpt= a .ckpt file, or a training run dir"),
+    case("checkpoint truncated (train)", "train", "ckpt_path={cut_ckpt}",
+         "cannot load checkpoint {cut_ckpt}: it is truncated", "use an earlier step_*.ckpt"),
+    case("checkpoint truncated (sample)", "sample", "ckpt={cut_ckpt}",
+         "cannot load checkpoint {cut_ckpt}: it is truncated", "use an earlier step_*.ckpt"),
+    case("checkpoint holds a pickled object (train)", "train", "ckpt_path={pickle_ckpt}",
+         "refusing to load {pickle_ckpt}", "pickled Python object (tests.test_bad_inputs.Payload)",
+         "weights_only=True"),
+    case("checkpoint holds a pickled object (sample)", "sample", "ckpt={pickle_ckpt}",
+         "refusing to load {pickle_ckpt}", "pickled Python object (tests.test_bad_inputs.Payload)"),
+    case("checkpoint holds a pickled object (export)", "export", "ckpt={pickle_ckpt} out={tmp}/exported",
+         "refusing to load {pickle_ckpt}", "pickled Python object (tests.test_bad_inputs.Payload)"),
+    case("checkpoint of another schedule", "train", "ckpt_path={run}/checkpoints/last.ckpt schedule=cosine",
+         "other schedule settings", "schedule._target_: difflab.schedule.NoiseSchedule.linear -> "
+         "difflab.schedule.NoiseSchedule.cosine", "use the checkpoint's settings"),
+    case("checkpoint of another model shape", "train",
+         "ckpt_path={run}/checkpoints/last.ckpt model.net.unet.block_out_channels=[16,48]",
+         "other model.net settings", "model.net.unet.block_out_channels: [16, 32] -> [16, 48]"),
+    case("checkpoint of other channels", "train",
+         "ckpt_path={run}/checkpoints/last.ckpt dataset=image_folder dataset.path={rgb_dir} dataset.resolution=8",
+         "other dataset.channels settings", "dataset.channels: 1 -> 3"),
+    case("resuming a run dir with another schedule", "train", "output_dir={run} schedule=cosine",
+         "other schedule settings", "difflab.schedule.NoiseSchedule.linear -> difflab.schedule.NoiseSchedule.cosine",
+         "pick another run_id"),
+    case("run dir with checkpoints and resume=never", "train", "output_dir={run} resume=never",
+         "already holds checkpoints and resume=never", "pick another run_id, or resume=auto"),
+    case("ckpt_path into another run's dir", "train", "output_dir={run} ckpt_path={cut_ckpt}",
+         "would start a run in {run}, which already holds checkpoints", "pick another run_id"),
+    case("resume not an option", "train", "resume=sometimes", "resume=sometimes is not an option", "auto", "never"),
+    case("labels on an unconditional model", "sample", "ckpt={run} labels=[1]",
+         "labels=[1] given", "unconditional", "train with conditioning=class"),
+    case("guidance on an unconditional model", "sample", "ckpt={run} guidance_scale=3",
+         "guidance_scale=3", "needs a model trained with label dropout", "use guidance_scale=1"),
+    case("guidance without label dropout", "sample", "ckpt={conditional} guidance_scale=2",
+         "guidance_scale=2", "p_uncond=0:", "use guidance_scale=1"),
+    case("global batch not divisible by world size", "train", "trainer=ddp_cpu dataset.batch_size=31",
+         "dataset.batch_size=31", "not divisible by world_size=2", "use a multiple of 2"),
+    case("num_samples <= 0", "sample", "ckpt={run} num_samples=0", "num_samples must be a positive integer, got 0"),
+    case("out_dir is an existing file (sample)", "sample", "ckpt={run} out_dir={file}",
+         "out_dir={file} is an existing file", "give a new or existing directory"),
+    case("out is an existing file (export)", "export", "ckpt={run} out={file}",
+         "out={file} is an existing file", "give a new or empty directory"),
+    case("export into a non-empty dir", "export", "ckpt={run} out={run}",
+         "out={run} is not empty", "set overwrite=true"),
+    case("divergence action not an option", "train", "callbacks.divergence.action=undo",
+         "callbacks.divergence.action='undo' is not an option", "('stop', 'skip', 'rollback')"),
+]
+
+
+class Payload:
+    """A class instance in a checkpoint: unpickling it would run this module's code."""
+
+
+def _digest(root: Path) -> dict[str, str]:
+    files = sorted(p for p in root.rglob("*") if p.is_file())
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+
+
+def _write_png(path: Path, mode: str = "L", size: int = 12) -> None:
+    shape = (size, size) if mode == "L" else (size, size, 3)
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8), mode).save(path)
+
+
+def _paths(tmp: Path, trained_run: Path, conditional: Path | None, needed: set[str] | None = None) -> dict[str, Path]:
+    """The files a row may name (only those in ``needed``, or all): ``{run}`` a copy of a trained run dir, ``{tmp}``
+    a scratch dir, ``{file}`` an existing file, image folders and bad checkpoints."""
+    run = tmp / "run"
+    shutil.copytree(trained_run, run)
+    paths = {"run": run, "tmp": tmp, "file": tmp / "a_file", "empty_dir": tmp / "empty", "bad_image_dir": tmp / "bad",
+             "cut_image_dir": tmp / "cut", "rgb_dir": tmp / "rgb", "cut_ckpt": tmp / "cut.ckpt",
+             "pickle_ckpt": tmp / "pickle.ckpt"}
+    if conditional is not None:
+        paths["conditional"] = conditional
+    make = set(paths) if needed is None else needed
+    if "file" in make:
+        paths["file"].write_text("not a directory")
+    for name in {"empty_dir", "bad_image_dir", "cut_image_dir", "rgb_dir"} & make:
+        paths[name].mkdir()
+    if "bad_image_dir" in make:
+        _write_png(paths["bad_image_dir"] / "good.png")
+        (paths["bad_image_dir"] / "bad.png").write_bytes(b"this is not a png")
+    if "cut_image_dir" in make:
+        _write_png(paths["cut_image_dir"] / "whole.png")
+        _write_png(paths["cut_image_dir"] / "cut.png", size=64)
+        data = (paths["cut_image_dir"] / "cut.png").read_bytes()
+        (paths["cut_image_dir"] / "cut.png").write_bytes(data[: len(data) // 2])
+    if "rgb_dir" in make:
+        for i in range(40):
+            _write_png(paths["rgb_dir"] / f"{i}.png", mode="RGB")
+    if "cut_ckpt" in make:
+        data = (run / "checkpoints" / "last.ckpt").read_bytes()
+        paths["cut_ckpt"].write_bytes(data[: len(data) // 2])
+    if "pickle_ckpt" in make:
+        ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+        ckpt["hyper_parameters"]["payload"] = Payload()
+        torch.save(ckpt, paths["pickle_ckpt"])
+    return paths
+
+
+def _fill(text: str, paths: dict[str, Path]) -> str:
+    return re.sub(r"\{(\w+)\}", lambda m: str(paths[m.group(1)]), text)
+
+
+def _run(c: Case, paths: dict[str, Path], out: Path) -> tuple[str, str]:
+    """Run the row's command; returns the name of the error it failed with and its message (fails if it did not)."""
+    from difflab.tasks import export, sample, train
+
+    args = [_fill(a, paths) for a in c.args]
+    if c.command == "train.py":
+        proc = run_script("train.py", *TINY_TRAIN, f"hydra.run.dir={out}", *args, check=False)
+        assert proc.returncode != 0, proc.stdout
+        return f"exit code {proc.returncode}", proc.stderr
+    with pytest.raises(c.error) as raised:
+        if c.command == "train":
+            train(compose("train", [*TINY_TRAIN, f"output_dir={out}", *args]))
+        elif c.command == "sample":
+            sample(compose("sample", [f"output_dir={out}", "progress=false", "sampler.num_steps=2", *args]))
+        else:
+            export(compose("export", args))
+    return type(raised.value).__name__, str(raised.value)
+
+
+@pytest.fixture(scope="module")
+def conditional(tmp_path_factory) -> Path:
+    """A class-conditional model trained without label dropout (p_uncond = 0): 1 step."""
+    from difflab.tasks import train
+
+    run = tmp_path_factory.mktemp("conditional")
+    train(compose("train", [*TINY_TRAIN, "trainer.max_steps=1", "conditioning=class", "conditioning.p_uncond=0",
+                            f"output_dir={run}"]))
+    return run
+
+
+@pytest.mark.parametrize("c", CASES)
+def test_bad_input_is_refused_clearly_before_any_step(c: Case, trained_run, request, tmp_path):
+    needed = {name for text in (*c.args, *c.says) for name in re.findall(r"\{(\w+)\}", text)}
+    paths = _paths(tmp_path, trained_run, request.getfixturevalue("conditional") if "conditional" in needed else None,
+                   needed)
+    before = _digest(paths["run"])
+    out = tmp_path / "out"
+    _, message = _run(c, paths, out)
+    for expected in c.says:
+        assert _fill(expected, paths) in message, f"{expected!r} not in:\n{message}"
+    assert not out.exists() or not any(out.iterdir()), sorted(out.rglob("*"))  # nothing written: no step ran
+    assert _digest(paths["run"]) == before  # the existing run dir is byte-for-byte unchanged
+
+
+def test_the_docs_list_every_bad_input():
+    rows = {line.split(" | ")[0].strip("| "): line for line in _docs_table().splitlines() if line.startswith("| ")}
+    for param in CASES:
+        c = param.values[0]
+        assert c.name in rows, f"docs/reliability.md has no row for {c.name!r}: python -m tests.test_bad_inputs"
+        for expected in c.says:
+            assert expected.replace("|", "\\|") in rows[c.name], f"{c.name}: {expected!r} is not in its docs row"
+
+
+DOCS = ROOT / "docs" / "reliability.md"
+BEGIN, END = "<!-- bad-inputs: python -m tests.test_bad_inputs writes this table -->", "<!-- bad-inputs end -->"
+
+
+def _docs_table() -> str:
+    doc = DOCS.read_text()
+    return doc[doc.index(BEGIN) + len(BEGIN) : doc.index(END)]
+
+
+def markdown_table(tmp: Path, trained_run: Path, conditional: Path) -> str:
+    """Each row's command and the exact error it gets, paths shown as their {placeholders}."""
+    lines = ["| bad input | command | error |", "|---|---|---|"]
+    for param in CASES:
+        c = param.values[0]
+        scratch = tmp / str(len(lines))
+        scratch.mkdir()
+        paths = _paths(scratch, trained_run, conditional)
+        error, message = _run(c, paths, scratch / "out")
+        message = message.split("Config search path")[0]  # Hydra's search path: where this clone lives
+        lines_of = [line.strip() for line in message.splitlines() if line.strip() and "HYDRA_FULL_ERROR" not in line]
+        message = " ".join(lines_of)
+        for name, path in sorted(paths.items(), key=lambda kv: -len(str(kv[1]))):
+            message = message.replace(str(path), "{" + name + "}")
+        script = c.command if c.command.endswith(".py") else f"{c.command}.py"
+        lines.append(f"| {c.name} | `{script} {' '.join(c.args)}` | {error}: {message.replace('|', chr(92) + '|')} |")
+    return "\n".join(lines)
+
+
+def write_docs_table() -> None:
+    """Run every row (with a freshly trained run) and put the table into docs/reliability.md."""
+    import tempfile
+
+    from difflab.tasks import train
+
+    with tempfile.TemporaryDirectory() as scratch:
+        root = Path(scratch)
+        run_script("train.py", *TINY_TRAIN, f"hydra.run.dir={root / 'trained'}")
+        train(compose("train", [*TINY_TRAIN, "trainer.max_steps=1", "conditioning=class", "conditioning.p_uncond=0",
+                                f"output_dir={root / 'conditional'}"]))
+        table = markdown_table(root, root / "trained", root / "conditional")
+    doc = DOCS.read_text()
+    DOCS.write_text(doc[: doc.index(BEGIN) + len(BEGIN)] + "\n" + table + "\n" + doc[doc.index(END) :])
+
+
+if __name__ == "__main__":  # imported by name, so the pickled class is tests.test_bad_inputs.Payload, as under pytest
+    from tests.test_bad_inputs import write_docs_table as write
+
+    write()
