@@ -119,3 +119,13 @@ def test_sweep_of_samplers_and_steps_gives_a_four_row_summary(trained_run, featu
     assert [(r["sampler"], int(r["num_steps"])) for r in rows] == [("ddim", 3), ("ddim", 5), ("ddpm", 3), ("ddpm", 5)]
     assert all(math.isfinite(float(r["fid"])) and float(r["fid"]) > 0 and r["kid_mean"] for r in rows)
     assert (sweep / "summary.png").is_file()
+
+
+def test_a_feature_classifier_is_refused_as_a_guidance_classifier(trained_run, feature_run, tmp_path):
+    """The FID features' classifier only saw clean images: guiding noisy x_t with it would be silently wrong."""
+    from difflab.tasks import sample
+
+    out = tmp_path / "guided"
+    with pytest.raises(ConfigError, match=r"trained on clean images only \(noise_aware=false"):
+        sample(compose("sample", [f"ckpt={trained_run}", f"classifier={feature_run}", f"output_dir={out}"]))
+    assert not out.exists()

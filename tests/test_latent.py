@@ -157,3 +157,34 @@ def test_bad_latent_inputs_fail_before_training(vae_dir, tmp_path):
     fails(r"the latents are 2x3x3 .*not divisible by the UNet's downsampling factor 2.*multiple of 4",
           f"latent.path={vae_dir}", "dataset.resolution=6")
     fails(r"sampler.clip_x0 cannot be used with latent=vae", f"latent.path={vae_dir}", "sampler.clip_x0=true")
+
+
+def test_export_carries_the_vae_and_the_noise_statistics(latent_run, tmp_path):
+    """export.py of a latent model with shaped noise: vae/ and noise.safetensors beside the UNet, and why no pipeline."""
+    from difflab.export import export_diffusers
+    from difflab.noise import load_noise
+
+    module = load_checkpoint(latent_run)
+    manifest = export_diffusers(module, tmp_path, {"global_step": 0})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["difflab.json", "noise.safetensors", "scheduler", "unet", "vae"]
+    assert manifest["latent"]["scaling_factor"] == pytest.approx(float(module.latent.scaling_factor))
+    assert manifest["latent"]["latent_shape"] == list(module.latent.shape) and manifest["sample_shape"] == [2, 4, 4]
+    assert [b.split(" (")[0] for b in manifest["ddpm_pipeline_blockers"]] == ["latent-space", "shaped noise"]
+    vae = AutoencoderKL.from_pretrained(tmp_path / "vae")
+    z = torch.randn(2, *module.latent.shape)
+    with torch.no_grad():
+        torch.testing.assert_close(vae.decode(z).sample, module.latent.vae.decode(z).sample, rtol=0, atol=0)
+    noise = load_noise(tmp_path / manifest["noise"]["file"])
+    assert noise.name == manifest["noise"]["name"] == "spectral"
+    for key, value in module.noise.state_dict().items():
+        assert torch.equal(noise.state_dict()[key], value), key
+
+
+def test_bits_per_dim_are_refused_for_a_latent_model(latent_run):
+    from difflab.likelihood import check_supported
+    from difflab.noise import IIDNoise
+
+    module = load_checkpoint(latent_run)
+    module.noise = IIDNoise(module.noise.shape)  # leave the latent space as the only reason
+    with pytest.raises(ConfigError, match=r"not supported for a latent-space model \(latent=vae\)"):
+        check_supported(module)

@@ -39,12 +39,19 @@ def pipeline_blockers(module: DiffusionModule) -> list[str]:
         reasons.append(f"class-conditional ({module.num_classes} classes + null label {module.null_label})")
     if module.net.self_condition:
         reasons.append("self-conditioned (the UNet also takes its previous x0 estimate)")
+    if module.latent is not None:
+        reasons.append("latent-space (samples are decoded by vae/ after dividing by difflab.json's scaling_factor)")
+    if not module.noise.is_identity:
+        reasons.append(f"shaped noise ({module.noise.option}: samples live in whitened coordinates, see noise.safetensors)")
     return reasons
 
 
 def export_diffusers(module: DiffusionModule, out: Path, provenance: dict[str, Any]) -> dict[str, Any]:
     """Write ``out/unet`` (the EMA UNet, safetensors), ``out/scheduler`` and ``out/difflab.json``, plus
     ``out/model_index.json`` when ``DDPMPipeline.from_pretrained(out)`` can sample the model. Returns the manifest.
+
+    What else the model needs travels with it: ``out/vae`` (the frozen AutoencoderKL of a latent-space
+    model, diffusers' format) and ``out/noise.safetensors`` (the fitted statistics of shaped noise).
     """
     unet, scheduler = module.ema.module.unet, ddpm_scheduler(module)
     blockers = pipeline_blockers(module)
@@ -53,6 +60,13 @@ def export_diffusers(module: DiffusionModule, out: Path, provenance: dict[str, A
         scheduler.save_pretrained(out / "scheduler")
     else:
         DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(out, safe_serialization=True)
+    extras: dict[str, Any] = {}
+    if module.latent is not None:
+        module.latent.vae.save_pretrained(out / "vae", safe_serialization=True)
+        extras["latent"] = {**module.latent.summary(), "path": "vae"}
+    if not module.noise.is_identity:
+        module.noise.save(out / "noise.safetensors")
+        extras["noise"] = {"name": module.noise.name, "file": "noise.safetensors", **module.noise.config()}
     c, h, w = module.net.sample_shape
     manifest = {
         "format": "difflab export 1",
@@ -69,6 +83,7 @@ def export_diffusers(module: DiffusionModule, out: Path, provenance: dict[str, A
         "data_range": [-1.0, 1.0],
         "ddpm_pipeline": not blockers,
         "ddpm_pipeline_blockers": blockers,
+        **extras,
         **provenance,
     }
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")

@@ -64,6 +64,11 @@ def build_module(cfg: DictConfig) -> DiffusionModule:
     image_shape = (int(cfg.dataset.channels), int(cfg.dataset.resolution), int(cfg.dataset.resolution))
     latent = None
     if OmegaConf.select(cfg, "latent._target_") is not None:
+        if OmegaConf.is_missing(cfg.latent, "path"):
+            raise ConfigError(
+                "latent=vae needs latent.path=DIR, a diffusers AutoencoderKL directory: outputs/vae/latest/vae from "
+                "train_vae.py, or a local copy of a public VAE (README: Latent diffusion)"
+            )
         latent = _instantiate(cfg.latent, "latent", image_shape=image_shape)
         with open_dict(cfg):
             cfg.latent.fingerprint = latent.fingerprint  # saved with the run: a later load refuses a changed VAE
@@ -566,6 +571,12 @@ def _sampling_plan(cfg: DictConfig, sampler: Sampler, module: DiffusionModule, d
                 "on noisy images, the model denoises latents; use classifier-free guidance (conditioning=class)"
             )
         classifier = load_classifier(cfg.classifier).to(device)
+        if not classifier.noise_aware:
+            raise ConfigError(
+                f"classifier={cfg.classifier} was trained on clean images only (noise_aware=false: a feature network "
+                "for FID / KID), so its gradients on noisy x_t mean nothing: give a train_classifier.py run "
+                "(noise_aware=true, the default)"
+            )
         if not torch.equal(classifier.schedule.betas.cpu(), module.schedule.betas.cpu()):
             raise ConfigError(f"classifier {cfg.classifier} was trained on another noise schedule than {cfg.ckpt}")
         k = classifier.net.head.out_features
