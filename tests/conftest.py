@@ -86,3 +86,38 @@ def features(feature_run):
     from difflab.metrics import ClassifierFeatures
 
     return ClassifierFeatures.from_checkpoint(feature_run)
+
+
+# A stage-1 run of the tiny VAE (f = 2, 2 latent channels) in seconds, with EMA so the export path is exercised.
+TINY_VAE = [
+    "autoencoder=tiny",
+    "autoencoder.ema_decay=0.9",
+    "trainer.max_steps=60",
+    "trainer.val_check_interval=60",
+    "trainer.enable_progress_bar=false",
+    "trainer.enable_model_summary=false",
+    "callbacks.model_checkpoint.every_n_train_steps=30",
+    "callbacks.reconstructions.every_n_steps=30",
+    "callbacks.reconstructions.num_images=8",
+]
+
+
+@pytest.fixture(scope="session")
+def stage1(tmp_path_factory):
+    """A tiny stage-1 run in-process (tests/test_vae.py, and its VAE for test_latent.py): (run dir, returned metrics,
+    held-out MSE of the same initial weights, as VAEModule logs val/rec_mse)."""
+    import lightning as L
+    import torch
+
+    from difflab.data import DigitsDataModule
+    from difflab.tasks import build_autoencoder, train_vae
+
+    run_dir = tmp_path_factory.mktemp("vae") / "run"
+    cfg = compose("vae", [*TINY_VAE, f"output_dir={run_dir}"])
+    L.seed_everything(cfg.seed)
+    held_out = DigitsDataModule().split("val")[0]
+    vae = build_autoencoder(cfg).vae.eval()  # train_vae seeds and builds the same init
+    with torch.no_grad():
+        before = torch.nn.functional.mse_loss(vae.decode(vae.encode(held_out).latent_dist.mean).sample, held_out).item()
+    metrics = train_vae(cfg)
+    return run_dir, metrics, before

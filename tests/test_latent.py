@@ -14,20 +14,17 @@ from difflab.data import DigitsDataModule
 from difflab.errors import ConfigError
 from difflab.latent import LatentSpace, use_cached_latents
 from difflab.samplers import DDIM
-from difflab.tasks import load_checkpoint, sample, train, train_vae
+from difflab.tasks import load_checkpoint, sample, train
 from difflab.vae import save_vae
 from tests.conftest import TINY_TRAIN, compose, run_script
-from tests.test_vae import TINY_VAE
 
 LATENT = ["latent=vae"]
 
 
 @pytest.fixture(scope="module")
-def vae_dir(tmp_path_factory):
-    """A tiny stage-1 VAE (f = 2, 2 latent channels) trained by train_vae in seconds; its <run dir>/vae."""
-    run_dir = tmp_path_factory.mktemp("stage1") / "run"
-    train_vae(compose("vae", [*TINY_VAE, f"output_dir={run_dir}"]))
-    return run_dir / "vae"
+def vae_dir(stage1):
+    """The tiny stage-1 VAE (f = 2, 2 latent channels) of conftest's train_vae run; its <run dir>/vae."""
+    return stage1[0] / "vae"
 
 
 @pytest.fixture(scope="module")

@@ -22,20 +22,8 @@ from difflab.vae import (
     save_vae,
     vae_fingerprint,
 )
-from tests.conftest import compose, run_script
+from tests.conftest import TINY_VAE, compose, run_script
 
-# A stage-1 run of the tiny VAE (f = 2, 2 latent channels) in seconds, with EMA so the export path is exercised.
-TINY_VAE = [
-    "autoencoder=tiny",
-    "autoencoder.ema_decay=0.9",
-    "trainer.max_steps=60",
-    "trainer.val_check_interval=60",
-    "trainer.enable_progress_bar=false",
-    "trainer.enable_model_summary=false",
-    "callbacks.model_checkpoint.every_n_train_steps=30",
-    "callbacks.reconstructions.every_n_steps=30",
-    "callbacks.reconstructions.num_images=8",
-]
 
 
 @functools.cache
@@ -54,21 +42,6 @@ def _held_out() -> torch.Tensor:
 def _rec_mse(vae: AutoencoderKL, x: torch.Tensor) -> float:
     """Held-out reconstruction MSE from the posterior mean, the quantity VAEModule logs as val/rec_mse."""
     return torch.nn.functional.mse_loss(vae.decode(vae.encode(x).latent_dist.mean).sample, x).item()
-
-
-@pytest.fixture(scope="module")
-def stage1(tmp_path_factory):
-    """A tiny stage-1 run in-process: (run dir, returned metrics, held-out MSE of the same initial weights)."""
-    import lightning as L
-
-    from difflab.tasks import build_autoencoder, train_vae
-
-    run_dir = tmp_path_factory.mktemp("vae") / "run"
-    cfg = compose("vae", [*TINY_VAE, f"output_dir={run_dir}"])
-    L.seed_everything(cfg.seed)
-    before = _rec_mse(build_autoencoder(cfg).vae.eval(), _held_out())  # train_vae seeds and builds the same init
-    metrics = train_vae(cfg)
-    return run_dir, metrics, before
 
 
 @pytest.mark.filterwarnings("ignore:.*self.trainer. reference is not registered")  # training_step outside a fit
