@@ -159,3 +159,15 @@ def test_data_order_and_flips_depend_on_seed_and_epoch_only():
     sampler = ShuffledEpochs(data, 0)
     sampler.skip = 7
     assert list(sampler) == first[7:] and list(sampler) == first  # the skip applies to one pass
+
+
+def test_resume_of_a_latent_model_with_fitted_noise_equals_the_uninterrupted_run(stage1, tmp_path):
+    """The latent scale and the noise statistics are decided at the first fit's start: a resumed fit keeps them."""
+    shaped = [*RESUMABLE, "latent=vae", f"latent.path={stage1[0] / 'vae'}", "noise=spectral"]
+    train(compose("train", [*shaped, f"output_dir={tmp_path / 'full'}"]))
+    ckpt = tmp_path / "full" / "checkpoints" / "step_000006.ckpt"
+    train(compose("train", [*shaped, f"output_dir={tmp_path / 'resumed'}", f"ckpt_path={ckpt}"]))
+    full, resumed = _state(tmp_path / "full"), _state(tmp_path / "resumed")
+    assert {"latent.scaling_factor", "noise.fit_count"} <= full["state_dict"].keys()
+    assert not any(key.startswith("latent.vae.") for key in full["state_dict"])  # the frozen VAE is an input
+    assert_same_training_state(full, resumed)

@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -166,7 +167,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if module.latent is not None and module.latent.cache:
         print(f"latent cache: {_show(use_cached_latents(datamodule, module.latent, cfg.seed))}", flush=True)
     module.check_sampler(_instantiate(cfg.sampler, "sampler"))  # the sampler of the training-time grids
-    return _fit(cfg, module, datamodule)
+    with warnings.catch_warnings():
+        if module.latent is not None:  # the frozen VAE stays in eval mode on purpose
+            warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training")
+        return _fit(cfg, module, datamodule)
 
 
 def run_job(fit: Callable[[DictConfig], dict[str, float]], cfg: DictConfig) -> float | None:
