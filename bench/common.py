@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -54,3 +55,17 @@ def frechet_distance(fake: torch.Tensor, real: torch.Tensor) -> float:
     fid.update(real, real=True)
     fid.update(fake, real=False)
     return float(fid.compute())
+
+
+class Stamped:
+    """Calls ``fn`` and records the time of every call (the step times of a sampler or training loop)."""
+
+    def __init__(self, fn) -> None:
+        self.fn, self.stamps = fn, []
+
+    def __call__(self, *args, **kwargs):
+        self.stamps.append(time.perf_counter())
+        return self.fn(*args, **kwargs)
+
+    def steps(self) -> list[float]:
+        return [b - a for a, b in zip(self.stamps, self.stamps[1:])]

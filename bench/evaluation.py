@@ -26,7 +26,7 @@ from statistics import median
 
 import torch
 
-from bench.common import ROOT, compose
+from bench.common import ROOT, Stamped, compose
 from difflab.data import DigitsDataModule
 from difflab.likelihood import bits_per_dim, strata
 from difflab.summarize import summarize
@@ -129,17 +129,6 @@ def nll(args: argparse.Namespace) -> None:
         predicted = f"{predicted_std(per_t, strata(1000, k)):.3f} / {predicted_std(per_t, equal_strata(1000, k)):.3f}"
         print(f"| {k} | {k + 1} | {mean:.4f} | {spread:.4f} | {median(spreads):.3f} | {predicted} | {median(secs):.1f} "
               f"| {load()} |", flush=True)
-
-
-class Stamped:
-    """Calls ``fn`` and records the time of every call (as bench/sampling.py)."""
-
-    def __init__(self, fn) -> None:
-        self.fn, self.stamps = fn, []
-
-    def __call__(self, *args, **kwargs):
-        self.stamps.append(time.perf_counter())
-        return self.fn(*args, **kwargs)
 
 
 @torch.no_grad()

@@ -13,30 +13,15 @@ shared machines.
 from __future__ import annotations
 
 import argparse
-import time
 from statistics import median
 
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 
-from bench.common import compose
+from bench.common import Stamped, compose
 from difflab.noise import PerSampleNoise
 from difflab.samplers import DDIM, DDPM
 from difflab.tasks import build_module
-
-
-class Stamped:
-    """Calls ``fn`` and records the time of every call."""
-
-    def __init__(self, fn) -> None:
-        self.fn, self.stamps = fn, []
-
-    def __call__(self, *args, **kwargs):
-        self.stamps.append(time.perf_counter())
-        return self.fn(*args, **kwargs)
-
-    def steps(self) -> list[float]:
-        return [b - a for a, b in zip(self.stamps, self.stamps[1:])]
 
 
 @torch.no_grad()
