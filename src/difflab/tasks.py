@@ -223,8 +223,9 @@ def _fit(cfg: DictConfig, module: L.LightningModule, datamodule: L.LightningData
     if hasattr(datamodule, "split_batch"):
         per_device = datamodule.split_batch(trainer.world_size, trainer.accumulate_grad_batches)
         if trainer.world_size > 1 or trainer.accumulate_grad_batches > 1:
-            log.info("global batch %d = %d processes x %d accumulated x %d per step", datamodule.batch_size,
-                     trainer.world_size, trainer.accumulate_grad_batches, per_device)
+            log.info("global batch %d = %d process%s x %d accumulated x %d per step", datamodule.batch_size,
+                     trainer.world_size, "es" if trainer.world_size > 1 else "", trainer.accumulate_grad_batches,
+                     per_device)
     if trainer.world_size > 1 and isinstance(module, DiffusionModule):
         trainer.callbacks.append(RankConsistency(cfg.output_dir))
     preemption = next((c for c in callbacks if isinstance(c, Preemption)), None)
