@@ -197,6 +197,11 @@ class InMemoryDataModule(L.LightningDataModule):
         """What training reads: the training images, or their cached latents."""
         return self.train_set if self.encoded is None else self.encoded[0]
 
+    @property
+    def val_source(self) -> TensorImages:
+        """What validation reads: the held-out images, or their cached latents."""
+        return self.val_set if self.encoded is None else self.encoded[1]
+
     def split(self, name: str) -> tuple[Tensor, Tensor]:
         """(images (M, C, H, W) in [-1, 1], labels (M,)) of the ``train``, ``val`` or ``all`` split, un-augmented."""
         if name not in SPLITS:
@@ -213,5 +218,4 @@ class InMemoryDataModule(L.LightningDataModule):
         return ResumableLoader(self.train_source, self.device_batch_size, sampler, collate_fn=_batch_as_is)
 
     def val_dataloader(self) -> DataLoader:
-        val = self.val_set if self.encoded is None else self.encoded[1]
-        return DataLoader(val, batch_size=self.device_batch_size, collate_fn=_batch_as_is)
+        return DataLoader(self.val_source, batch_size=self.device_batch_size, collate_fn=_batch_as_is)
