@@ -30,7 +30,8 @@ from bench.common import ROOT, Stamped, compose
 from difflab.data import DigitsDataModule
 from difflab.likelihood import bits_per_dim, strata
 from difflab.summarize import summarize
-from difflab.tasks import evaluate, load_checkpoint
+from difflab.build import load_checkpoint
+from difflab.tasks import evaluate
 
 OUT = ROOT / "outputs" / "bench" / "evaluation"
 

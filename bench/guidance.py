@@ -23,7 +23,7 @@ from bench.common import frechet_distance
 from difflab.data import DigitsDataModule
 from difflab.guidance import balanced_labels
 from difflab.samplers import DDPM
-from difflab.tasks import load_checkpoint, load_classifier
+from difflab.build import load_checkpoint, load_classifier
 
 
 def pixels8(images: torch.Tensor) -> torch.Tensor:

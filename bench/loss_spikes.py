@@ -18,7 +18,7 @@ import torch
 from omegaconf import OmegaConf
 
 from difflab.seeding import derived_generator
-from difflab.tasks import _instantiate, load_checkpoint
+from difflab.build import instantiate_node, load_checkpoint
 
 THRESHOLDS = (3.0, 4.0, 5.0, 6.0, 8.0)
 
@@ -26,7 +26,7 @@ THRESHOLDS = (3.0, 4.0, 5.0, 6.0, 8.0)
 def batch_losses(ckpt: str, batches: int, seed: int = 0) -> list[float]:
     """The mean training loss of ``batches`` batches (B,) drawn like training batches, at the checkpoint's weights."""
     module = load_checkpoint(ckpt).eval()
-    data = _instantiate(OmegaConf.create(module.hparams["run_config"]["dataset"]), "dataset", seed=seed)
+    data = instantiate_node(OmegaConf.create(module.hparams["run_config"]["dataset"]), "dataset", seed=seed)
     data.setup("fit")
     images, labels = data.train_set.images, data.train_set.labels
     losses = []

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from bench.common import ROOT, frechet_distance, real_digits, sampler_config
-from difflab.tasks import load_checkpoint
+from difflab.build import load_checkpoint
 
 
 def main() -> None:

@@ -20,7 +20,7 @@ import torch
 from bench.common import frechet_distance, sampler_config
 from difflab.data import DigitsDataModule
 from difflab.images import save_grid, to_uint8
-from difflab.tasks import load_checkpoint
+from difflab.build import load_checkpoint
 
 
 def main() -> None:

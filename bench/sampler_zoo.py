@@ -29,7 +29,7 @@ from bench.common import ROOT, frechet_distance, real_digits, sampler_config
 from difflab.data import DigitsDataModule
 from difflab.images import to_uint8
 from difflab.metrics import ClassifierFeatures, extract_features, fid_kid
-from difflab.tasks import load_checkpoint
+from difflab.build import load_checkpoint
 
 
 def steps_for(name: str, nfe: int) -> int:

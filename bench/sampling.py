@@ -19,9 +19,9 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 
 from bench.common import Stamped, compose
-from difflab.noise import PerSampleNoise
+from difflab.seeding import PerSampleNoise
 from difflab.samplers import DDIM, DDPM
-from difflab.tasks import build_module
+from difflab.build import build_module
 
 
 @torch.no_grad()

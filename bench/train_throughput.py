@@ -18,7 +18,7 @@ import lightning as L
 import torch
 
 from bench.common import compose
-from difflab.tasks import build_module
+from difflab.build import build_module
 
 WARMUP = 10
 
@@ -66,7 +66,7 @@ def plain_images_per_second(cfg, steps: int) -> float:
     unet, abar = module.net.unet, module.schedule.alphas_cumprod.float()
     ema = [p.detach().clone() for p in unet.parameters()]
     params = list(unet.parameters())
-    opt = torch.optim.AdamW(params, lr=cfg.model.lr)
+    opt = torch.optim.AdamW(params, lr=cfg.optimizer.lr)
     images, batch_size = dm.train_set.images, cfg.dataset.batch_size
     starts = []
     for _ in range(WARMUP + steps):

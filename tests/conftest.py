@@ -21,6 +21,7 @@ CONF = ROOT / "conf"
 # Overrides that keep a real train.py run to a few seconds.
 TINY_TRAIN = [
     "model=tiny",
+    "lr_scheduler.warmup_steps=0",  # a constant lr over the few steps of a test
     "dataset.resolution=8",
     "dataset.batch_size=32",
     "trainer.max_steps=6",
@@ -110,7 +111,8 @@ def stage1(tmp_path_factory):
     import torch
 
     from difflab.data import DigitsDataModule
-    from difflab.tasks import build_autoencoder, train_vae
+    from difflab.build import build_autoencoder
+    from difflab.tasks import train_vae
 
     run_dir = tmp_path_factory.mktemp("vae") / "run"
     cfg = compose("vae", [*TINY_VAE, f"output_dir={run_dir}"])

@@ -71,7 +71,7 @@ def test_resume_continues_the_step_count(trained_run, tmp_path):
     ids=["corrupt", "foreign"],
 )
 def test_wrong_checkpoint_is_a_clear_error(tmp_path, content, message):
-    from difflab.tasks import load_checkpoint
+    from difflab.build import load_checkpoint
 
     path = tmp_path / "x.ckpt"
     if content is None:

@@ -32,7 +32,7 @@ def _evaluate(overrides: list[str], out: Path) -> dict:
 
 
 def test_evaluate_writes_fid_kid_and_bits_per_dim(trained_run, feature_run, features, tmp_path, capsys):
-    from difflab.tasks import load_checkpoint
+    from difflab.build import load_checkpoint
 
     results = _evaluate(_overrides(trained_run, feature_run, tmp_path), tmp_path / "run")
     assert json.loads((tmp_path / "run" / "results.json").read_text()) == results

@@ -10,7 +10,7 @@ import torch
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 
 from difflab.export import export_diffusers
-from difflab.tasks import build_module, load_checkpoint
+from difflab.build import build_module, load_checkpoint
 from tests.conftest import compose, run_script
 
 

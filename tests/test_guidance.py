@@ -17,7 +17,7 @@ from tests.conftest import compose
 
 @pytest.fixture(scope="module")
 def conditional_module():
-    from difflab.tasks import build_module
+    from difflab.build import build_module
 
     cfg = compose("train", ["model=tiny", "dataset.resolution=8", "conditioning=class", "conditioning.num_classes=10", "output_dir=/unused"])
     module = build_module(cfg).eval()
@@ -142,7 +142,7 @@ def test_classifier_guidance_with_scale_zero_is_unguided_bit_for_bit(conditional
 
 
 def test_guidance_needs_label_dropout():
-    from difflab.tasks import build_module
+    from difflab.build import build_module
 
     cfg = compose("train", ["model=tiny", "dataset.resolution=8", "conditioning=class", "conditioning.num_classes=3",
                             "conditioning.p_uncond=0", "output_dir=/unused"])

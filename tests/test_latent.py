@@ -12,9 +12,10 @@ from diffusers import AutoencoderKL, UNet2DModel
 
 from difflab.data import DigitsDataModule
 from difflab.errors import ConfigError
-from difflab.latent import LatentSpace, use_cached_latents
+from difflab.latent import LatentSpace, cached_latents
 from difflab.samplers import DDIM
-from difflab.tasks import load_checkpoint, sample, train
+from difflab.build import load_checkpoint
+from difflab.tasks import sample, train
 from difflab.vae import save_vae
 from tests.conftest import TINY_TRAIN, compose, run_script
 
@@ -92,12 +93,14 @@ def test_the_cache_is_reused_and_rebuilt_when_the_vae_changes(vae_dir, tmp_path)
     cache_dir = tmp_path / "cache"
     first = LatentSpace(str(vae_dir), (1, 8, 8), cache=True, cache_dir=str(cache_dir))
     data = _digits()
-    path = use_cached_latents(data, first)
-    assert first.cached_inputs and data.train_source is data.encoded[0] and data.train_set.images.shape[1] == 1
+    path, train_latents, val_latents = cached_latents(data, first)
+    data.serve_latents(train_latents, val_latents)
+    assert data.train_source is train_latents and data.val_source is val_latents
+    assert data.train_set.images.shape[1] == 1  # the images stay what train_set holds
     with torch.no_grad():
-        assert torch.allclose(data.encoded[0].images[:64], first.encode(data.train_set.images[:64]), atol=1e-6)
+        assert torch.allclose(train_latents.images[:64], first.encode(data.train_set.images[:64]), atol=1e-6)
     mtime = path.stat().st_mtime_ns
-    assert use_cached_latents(_digits(), LatentSpace(str(vae_dir), (1, 8, 8), cache_dir=str(cache_dir))) == path
+    assert cached_latents(_digits(), LatentSpace(str(vae_dir), (1, 8, 8), cache_dir=str(cache_dir)))[0] == path
     assert path.stat().st_mtime_ns == mtime  # reused, not re-encoded
     # another VAE (the same architecture, other weights): another fingerprint, another file, other latents
     other_dir = tmp_path / "other_vae"
@@ -108,13 +111,13 @@ def test_the_cache_is_reused_and_rebuilt_when_the_vae_changes(vae_dir, tmp_path)
     other = LatentSpace(str(other_dir), (1, 8, 8), cache_dir=str(cache_dir))
     assert other.fingerprint != first.fingerprint
     data_other = _digits()
-    other_path = use_cached_latents(data_other, other)
-    assert other_path != path and not torch.allclose(data_other.encoded[0].images, data.encoded[0].images)
+    other_path, other_latents, _ = cached_latents(data_other, other)
+    assert other_path != path and not torch.allclose(other_latents.images, train_latents.images)
     stored = torch.load(other_path, weights_only=True)
     assert stored["manifest"]["vae"] == other.fingerprint
     # a damaged file is rebuilt, never trusted
     other_path.write_bytes(other_path.read_bytes()[:100])
-    assert use_cached_latents(_digits(), other) == other_path
+    assert cached_latents(_digits(), other)[0] == other_path
     assert torch.load(other_path, weights_only=True)["manifest"]["vae"] == other.fingerprint
 
 

@@ -158,7 +158,7 @@ def test_strata_cover_the_kl_timesteps_once():
 
 @pytest.fixture(scope="module")
 def tiny_module(trained_run):
-    from difflab.tasks import load_checkpoint
+    from difflab.build import load_checkpoint
 
     return load_checkpoint(trained_run)
 

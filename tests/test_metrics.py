@@ -51,7 +51,7 @@ def _shifted(images: torch.Tensor, shift: float) -> torch.Tensor:
 
 
 def test_feature_classifier_trains_on_clean_images_and_features_feed_its_head(feature_run, features, digits):
-    from difflab.tasks import load_classifier
+    from difflab.build import load_classifier
 
     classifier = load_classifier(feature_run)
     assert classifier.hparams["run_config"]["classifier"]["noise_aware"] is False
@@ -224,7 +224,7 @@ def _logged(run_dir: Path, name: str) -> dict[int, float]:
 
 def _recomputed_fid(run_dir: Path, features: ClassifierFeatures, cfg, cache: Path) -> float:
     """FID of last.ckpt's EMA weights, sampled and scored in this process as the callback's config says."""
-    from difflab.tasks import load_checkpoint
+    from difflab.build import load_checkpoint
 
     module = load_checkpoint(run_dir / "checkpoints" / "last.ckpt")
     images = module.generate(instantiate(cfg.sampler), 16, seed=0)

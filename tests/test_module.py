@@ -41,7 +41,7 @@ def test_ema_without_warmup_uses_the_constant_decay():
 
 @pytest.fixture(scope="module")
 def tiny_module():
-    from difflab.tasks import build_module
+    from difflab.build import build_module
 
     return build_module(compose("train", ["model=tiny", "dataset.resolution=8", "output_dir=/unused"]))
 

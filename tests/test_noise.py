@@ -28,12 +28,12 @@ from difflab.noise import (
     LowRankNoise,
     ShapedNoise,
     SpectralNoise,
-    dct_matrix,
     effective_rank,
     load_noise,
     participation_ratio,
     shape_spectrum,
 )
+from difflab.noise.statistics import dct_matrix
 from tests.conftest import compose
 
 DIGITS = digits_tensor(8)[0]  # (1797, 1, 8, 8) in [-1, 1]
@@ -377,7 +377,7 @@ def test_every_config_option_builds_with_the_callers_shape(name):
 
 
 def test_noise_report_writes_its_figure(tmp_path, capsys):
-    from difflab.noise_report import noise_report
+    from difflab.tasks.noise_report import noise_report
 
     cfg = compose("noise_report", ["dataset.resolution=8", "num_draws=4000", f"output_dir={tmp_path}"])
     result = noise_report(cfg)

@@ -12,10 +12,12 @@ from diffusers import DDIMScheduler
 
 from difflab.denoiser import PredictionDenoiser
 from difflab.errors import ConfigError
-from difflab.noise import CovarianceNoise, PerSampleNoise, ShapedNoise, load_noise
+from difflab.noise import CovarianceNoise, ShapedNoise, load_noise
+from difflab.seeding import PerSampleNoise
 from difflab.objectives import Prediction
 from difflab.samplers import DDIM, DDPM, step_pairs, timestep_grid
-from difflab.tasks import build_module, load_checkpoint, train
+from difflab.build import build_module, load_checkpoint
+from difflab.tasks import train
 from tests.conftest import TINY_TRAIN, compose, run_script
 from tests.test_noise import (
     DIGITS,

@@ -86,7 +86,7 @@ def test_zero_terminal_snr_follows_lin_et_al_algorithm_1():
 
 
 def test_zero_terminal_snr_is_refused_with_eps():
-    from difflab.tasks import build_module
+    from difflab.build import build_module
 
     cfg = compose("train", ["model=tiny", "dataset.resolution=8", "schedule.zero_terminal_snr=true", "output_dir=/unused"])
     with pytest.raises(ValueError, match="zero_terminal_snr=true needs objective=v"):
@@ -140,7 +140,7 @@ def test_learned_variance_at_its_ends_is_beta_tilde_and_beta():
 
 def test_learned_variance_sampling_reproduces_the_fixed_variances():
     """DDPM sampling with nu fixed at 0 (1) equals sampling with variance=beta_tilde (beta), bit for bit up to rounding."""
-    from difflab.noise import PerSampleNoise
+    from difflab.seeding import PerSampleNoise
 
     abar = ABAR["linear"]
 
@@ -157,7 +157,7 @@ def test_learned_variance_sampling_reproduces_the_fixed_variances():
 
 
 def test_hybrid_loss_backpropagates_the_vlb_only_into_the_variance_channel():
-    from difflab.tasks import build_module
+    from difflab.build import build_module
 
     cfg = compose("train", ["model=tiny", "dataset.resolution=8", "loss=hybrid", "output_dir=/unused"])
     module = build_module(cfg)
@@ -199,7 +199,7 @@ def test_loss_aware_timestep_sampling_is_unbiased():
 def test_self_conditioning_feeds_the_previous_estimate():
     """Chen et al. 2022: the UNet sees [x_t, x0_hat]; x0_hat is zeros at the first step, then the previous estimate."""
     from difflab.denoiser import PredictionDenoiser
-    from difflab.tasks import build_module
+    from difflab.build import build_module
 
     module = build_module(compose("train", ["model=tiny", "dataset.resolution=8", "model.net.self_condition=true",
                                             "output_dir=/unused"]))

@@ -7,7 +7,7 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from difflab.tasks import load_checkpoint
+from difflab.build import load_checkpoint
 from tests.conftest import CONF, TINY_TRAIN, compose, run_script
 
 pytestmark = pytest.mark.slow

@@ -10,7 +10,7 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 from hydra.utils import instantiate
 
-from difflab.noise import PerSampleNoise
+from difflab.seeding import PerSampleNoise
 from difflab.objectives import Prediction
 from difflab.samplers import (
     DDIM,

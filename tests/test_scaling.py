@@ -21,7 +21,7 @@ from difflab.distributed import device_batch_size, launch_settings, tensor_diges
 from difflab.errors import ConfigError
 from difflab.images import save_grid, to_uint8
 from difflab.samplers import DDPM
-from difflab.tasks import load_checkpoint
+from difflab.build import load_checkpoint
 from tests.conftest import ROOT, TINY_TRAIN, compose, run_script
 
 DDP = [*TINY_TRAIN, "trainer=ddp_cpu"]

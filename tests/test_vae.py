@@ -46,7 +46,7 @@ def _rec_mse(vae: AutoencoderKL, x: torch.Tensor) -> float:
 
 @pytest.mark.filterwarnings("ignore:.*self.trainer. reference is not registered")  # training_step outside a fit
 def test_round_trip_shapes_and_loss():
-    from difflab.tasks import build_autoencoder
+    from difflab.build import build_autoencoder
 
     for name, latent in (("small", (4, 4, 4)), ("tiny", (2, 8, 8))):
         module = build_autoencoder(compose("vae", [f"autoencoder={name}", "output_dir=/unused"]))

@@ -1,6 +1,6 @@
 """Launching a run on 1..N processes: the DDP launch path per situation, the global batch, rank checks.
 
-Measured here (../shared/NOTES.md): Lightning's plain ``ddp`` re-launches the script, which under
+Measured on CPU with gloo (tests/test_scaling.py runs each path; docs/scaling.md): Lightning's plain ``ddp`` re-launches the script, which under
 Hydra ``-m`` re-runs the whole sweep and under submitit rejects its own arguments; ``ddp_spawn``
 works under a single run, ``-m`` and submitit. So a DDP run started by ``python train.py`` spawns
 its ranks, and a run whose ranks a scheduler already started (SLURM tasks, torchrun) uses ``ddp``:

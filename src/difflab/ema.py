@@ -19,7 +19,7 @@ class EMA(nn.Module):
     Written by hand rather than on ``torch.optim.swa_utils.AveragedModel``: its update regroups
     the tensors and reads its device-side counter every step, 4.7 ms per update against 0.8 ms
     for this single ``torch._foreach_lerp_`` (1.1M-parameter UNet, 2 CPU threads; diffusers'
-    EMAModel is slower still, ../shared/NOTES.md). The count is a Python int saved as extra state,
+    EMAModel is slower still; docs/benchmarks.md, training throughput). The count is a Python int saved as extra state,
     so an update never waits on the GPU.
     """
 

@@ -9,13 +9,57 @@ eps = eps_theta - s sqrt(1 - abar_t) grad_x log p_phi(y | x_t, t). Both take and
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
 
 from difflab.objectives import Prediction
 from difflab.samplers import Denoiser
+
+
+class Unconditional:
+    """No conditioning (``conditioning=none``): the UNet has no class embedding and sees no labels."""
+
+    num_classes: int | None = None
+    p_uncond: float = 0.0
+    class_names: tuple[str, ...] = ()
+
+    def unet_config(self) -> dict[str, int]:
+        """What the UNet's config needs for this conditioning: nothing."""
+        return {}
+
+    def training_labels(self, y: Tensor, generator: torch.Generator | None = None) -> Tensor | None:
+        """The labels the network sees in training: none."""
+        return None
+
+
+class ClassLabels(Unconditional):
+    """Class labels (``conditioning=class``): diffusers' class embedding with ``num_classes`` + 1 entries, the last
+    the null label, to which training drops each label with probability ``p_uncond`` (classifier-free guidance)."""
+
+    def __init__(self, num_classes: int, p_uncond: float = 0.1, class_names: Sequence[str] = ()) -> None:
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+            raise ValueError(
+                f"conditioning.num_classes must be a positive integer (the dataset's classes), got {num_classes}"
+            )
+        if not 0.0 <= p_uncond < 1.0:
+            raise ValueError(f"conditioning.p_uncond must lie in [0, 1), got {p_uncond}")
+        if class_names and len(class_names) != num_classes:
+            raise ValueError(f"conditioning.class_names has {len(class_names)} names for {num_classes} classes")
+        self.num_classes, self.p_uncond, self.class_names = num_classes, p_uncond, tuple(class_names)
+
+    def unet_config(self) -> dict[str, int]:
+        """One class embedding per class and one for the null label."""
+        return {"num_class_embeds": self.num_classes + 1}
+
+    def training_labels(self, y: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """``y`` with labels dropped to the null label (index ``num_classes``) with probability ``p_uncond``."""
+        return drop_labels(y, self.p_uncond, self.num_classes, generator)
+
+
+Conditioning = Unconditional
+"""What a conditioning option is: :class:`Unconditional` or a subclass."""
 
 
 def balanced_labels(num_classes: int, num_samples: int) -> Tensor:

@@ -79,7 +79,6 @@ class LatentSpace(nn.Module):
         if scaling_factor == "config":
             given = float(self.vae.config.scaling_factor)
         self.register_buffer("scaling_factor", torch.tensor(given, dtype=torch.float64))
-        self.cached_inputs = False  # set when the datamodule serves cached latents instead of images
         # The VAE is an input, like the dataset: it stays out of state dicts (checkpoints, EMA, DDP).
         self.register_state_dict_post_hook(_drop_vae_keys)
         self.register_load_state_dict_post_hook(_ignore_vae_keys)
@@ -135,10 +134,11 @@ def _ignore_vae_keys(module: LatentSpace, incompatible_keys: Any) -> None:
     incompatible_keys.missing_keys[:] = [k for k in incompatible_keys.missing_keys if ".vae." not in f".{k}"]
 
 
-def use_cached_latents(datamodule: InMemoryDataModule, latent: LatentSpace, seed: int = 0) -> Path:
-    """Have ``datamodule``'s loaders serve unscaled latents from a cache file (encoding once); returns the file.
-
-    Its ``train_set`` / ``val_set`` stay the images (metrics compare samples to them).
+def cached_latents(
+    datamodule: InMemoryDataModule, latent: LatentSpace, seed: int = 0
+) -> tuple[Path, TensorImages, TensorImages]:
+    """The unscaled latents of ``datamodule``'s training and validation images from a cache file (encoding once):
+    (the file, train latents, val latents), for :meth:`~difflab.data.base.InMemoryDataModule.serve_latents`.
 
     The file is named by a fingerprint of the VAE, the images of both splits, the posterior mode and the
     seed of its samples, and it stores that manifest: a file that does not match is rebuilt. With hflip, the
@@ -162,12 +162,11 @@ def use_cached_latents(datamodule: InMemoryDataModule, latent: LatentSpace, seed
         if train.hflip:
             stored["train_flipped"] = encode(train.images.flip(-1))
         atomic_write(path, lambda f: torch.save(stored, f))
-    datamodule.encoded = (
+    return (
+        path,
         TensorImages(stored["train"], train.labels, train.hflip, stored.get("train_flipped")),
         TensorImages(stored["val"], val.labels),
     )
-    latent.cached_inputs = True
-    return path
 
 
 def _read_cache(path: Path) -> dict[str, Any] | None:

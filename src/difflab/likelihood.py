@@ -22,7 +22,7 @@ L_T in closed form, so an image costs K + 1 network evaluations instead of T. K 
 sum (every stratum a single t). Measured on the default digits model: docs/evaluation.md.
 
 Image i draws its strata offsets and then its noise from its own generator (seed, i)
-(:class:`~difflab.noise.PerSampleNoise`), so the value does not depend on the batch size.
+(:class:`~difflab.seeding.PerSampleNoise`), so the value does not depend on the batch size.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from difflab.errors import ConfigError
 from difflab.images import snap_to_8bit
 from difflab.losses import prior_bpd
 from difflab.module import DiffusionModule
-from difflab.noise import PerSampleNoise
+from difflab.seeding import PerSampleNoise
 from difflab.objectives import Prediction
 from difflab.samplers import DDPM, Denoiser, Sampler
 from difflab.schedule import q_sample_abar

@@ -4,29 +4,30 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import lightning as L
-import numpy as np
 import torch
-from torch import Tensor
-from torch.optim.lr_scheduler import LinearLR
+from torch import Tensor, nn
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LRScheduler
 
 from difflab.checkpointing import atomic_write
 from difflab.data.base import training_batches
 from difflab.denoiser import PredictionDenoiser, UNetDenoiser
 from difflab.ema import EMA
 from difflab.errors import ConfigError
-from difflab.guidance import ClassifierFreeGuidance, ClassifierGuidance, drop_labels
+from difflab.guidance import ClassifierFreeGuidance, ClassifierGuidance, Conditioning, Unconditional
 from difflab.latent import LatentSpace
 from difflab.losses import simple_loss, vlb_term
-from difflab.noise import IIDNoise, PerSampleNoise, ShapedNoise
-from difflab.objectives import Objective, Prediction, Weighting, check_objective, loss_weight, objective_target
+from difflab.noise import IIDNoise, ShapedNoise
+from difflab.objectives import DiffusionLoss, Objective, Prediction, check_objective, objective_target
 from difflab.samplers import DDPM, Denoiser, Sampler
 from difflab.schedule import NoiseSchedule, q_sample_abar, step_variances
-from difflab.timestep_sampling import TimestepSampler, TimestepSampling
+from difflab.seeding import PerSampleNoise, derived_generator
+from difflab.timestep_sampling import TimestepSampler
 
 NOISE_FILE = "noise.safetensors"
 """The fitted noise statistics in the run dir (they are in every checkpoint too)."""
@@ -37,16 +38,19 @@ QUARTERS = 4
 
 
 class DiffusionModule(L.LightningModule):
-    """Schedule + UNet denoiser + its loss + EMA; AdamW with linear warm-up.
+    """Schedule + UNet denoiser + its loss + EMA, trained by ``optimizer`` under ``lr_scheduler``.
 
-    The loss is ``weighting``-weighted MSE on the ``objective``'s target (eps, x0 or v; see
-    :mod:`difflab.objectives`), plus, when the UNet learns its variance, ``vlb_weight`` T L_t of
-    the variational bound with the mean's gradient stopped (L_hybrid of Nichol & Dhariwal 2021,
-    lambda = 0.001). t is drawn by ``timestep_sampling`` (uniform, or loss-aware importance sampling).
+    The ``loss`` (:class:`~difflab.objectives.DiffusionLoss`) is a weighted MSE on the ``objective``'s target
+    (eps, x0 or v; see :mod:`difflab.objectives`), plus, when the UNet learns its variance, ``vlb_weight`` T L_t
+    of the variational bound with the mean's gradient stopped (L_hybrid of Nichol & Dhariwal 2021). t is drawn
+    by its ``timestep_sampling`` (uniform, or loss-aware importance sampling).
 
-    With ``num_classes`` set, the UNet is class-conditional and training replaces each label by
-    the null label (index ``num_classes``, its own embedding) with probability ``p_uncond``, which
-    classifier-free guidance needs at sampling time.
+    ``conditioning`` (:mod:`difflab.guidance`) says what the UNet is conditioned on: nothing, or class labels,
+    which training drops to the null label (index ``num_classes``, its own embedding) with probability
+    ``p_uncond``, as classifier-free guidance needs at sampling time.
+
+    ``optimizer`` and ``lr_scheduler`` are factories (Hydra ``_partial_``): params -> Optimizer, Optimizer ->
+    LRScheduler or None (stepped every optimizer step).
 
     With a ``latent`` space (:mod:`difflab.latent`) the process's data x0 is s E(image) of a frozen VAE,
     and generated samples are decoded; the scale s is decided at the start of a fresh fit.
@@ -61,7 +65,7 @@ class DiffusionModule(L.LightningModule):
     generator seeded by (``seed``, step, rank, micro-batch): ranks draw independent noise, and a
     resumed run draws exactly what an uninterrupted one would.
 
-    ``tasks.build_module`` saves the resolved run config as this module's hyper-parameters, so every
+    :func:`difflab.build.build_module` saves the resolved run config as this module's hyper-parameters, so every
     checkpoint rebuilds its model without the training config at hand.
     """
 
@@ -70,18 +74,12 @@ class DiffusionModule(L.LightningModule):
         net: UNetDenoiser,
         schedule: NoiseSchedule,
         objective: Objective = "eps",
-        weighting: Weighting = "uniform",
-        min_snr_gamma: float = 5.0,
-        vlb_weight: float = 0.001,
-        timestep_sampling: TimestepSampling = "uniform",
-        lr: float = 2e-4,
-        weight_decay: float = 0.0,
-        adam_betas: Sequence[float] = (0.9, 0.999),
-        warmup_steps: int = 0,
+        loss: DiffusionLoss | None = None,
+        conditioning: Conditioning | None = None,
+        optimizer: Callable[[Iterable[nn.Parameter]], Optimizer] | None = None,
+        lr_scheduler: Callable[[Optimizer], LRScheduler | None] | None = None,
         ema_decay: float = 0.999,
         ema_warmup: bool = True,
-        num_classes: int | None = None,
-        p_uncond: float = 0.0,
         compile: bool = False,
         channels_last: bool = False,
         seed: int = 0,
@@ -95,18 +93,16 @@ class DiffusionModule(L.LightningModule):
                 "schedule.zero_terminal_snr=true needs objective=v (or x0): at abar_{T-1} = 0 the input is pure noise, "
                 "eps = x_t there, and x0 cannot be recovered from an eps prediction"
             )
-        loss_weight(schedule.alphas_cumprod[:1], self.objective, weighting, min_snr_gamma)  # refuses bad options now
-        if vlb_weight < 0:
-            raise ValueError(f"loss.vlb_weight must be >= 0, got {vlb_weight}")
-        if not 0.0 <= p_uncond < 1.0:
-            raise ValueError(f"conditioning.p_uncond must lie in [0, 1), got {p_uncond}")
-        if num_classes is not None and net.unet.config.num_class_embeds != num_classes + 1:
-            raise ValueError(
-                f"a {num_classes}-class model needs a UNet with num_class_embeds={num_classes + 1} (one null label), "
-                f"got {net.unet.config.num_class_embeds}"
-            )
-        self.weighting, self.min_snr_gamma, self.vlb_weight = weighting, min_snr_gamma, vlb_weight
-        self.num_classes, self.p_uncond = num_classes, p_uncond
+        self.loss = loss if loss is not None else DiffusionLoss()
+        self.conditioning = conditioning if conditioning is not None else Unconditional()
+        for key, value in self.conditioning.unet_config().items():
+            if net.unet.config.get(key) != value:
+                raise ValueError(
+                    f"the {type(self.conditioning).__name__} conditioning needs a UNet with {key}={value}, "
+                    f"got {net.unet.config.get(key)}"
+                )
+        if net.learn_variance != self.loss.learn_variance:
+            raise ValueError(f"loss.learn_variance={self.loss.learn_variance}, but the UNet's is {net.learn_variance}")
         self.net = net
         self.schedule = schedule
         self.latent = latent
@@ -115,10 +111,10 @@ class DiffusionModule(L.LightningModule):
         self.noise = noise if noise is not None else IIDNoise(net.sample_shape)
         if self.noise.shape != net.sample_shape:
             raise ValueError(f"{self.noise.option} was built for shape {self.noise.shape}, the UNet takes {net.sample_shape}")
-        self.timesteps = TimestepSampler(schedule.num_timesteps, timestep_sampling)
+        self.timesteps = TimestepSampler(schedule.num_timesteps, self.loss.timestep_sampling)
         self.ema = EMA(net, decay=ema_decay, warmup=ema_warmup)
-        self.lr, self.weight_decay, self.adam_betas = lr, weight_decay, tuple(adam_betas)
-        self.warmup_steps = warmup_steps
+        self.optimizer_factory = optimizer if optimizer is not None else torch.optim.AdamW
+        self.lr_scheduler_factory = lr_scheduler
         self.compile, self.channels_last = compile, channels_last
         self.seed = seed
         # beta, beta~, beta~ clipped of each step t -> t-1, indexed by t (the likelihood terms of a learned variance)
@@ -130,9 +126,19 @@ class DiffusionModule(L.LightningModule):
         self._micro_batch = 0
 
     @property
+    def num_classes(self) -> int | None:
+        """The number of classes of a class-conditional model; None otherwise."""
+        return self.conditioning.num_classes
+
+    @property
+    def p_uncond(self) -> float:
+        """The probability with which training dropped a label (0 for an unconditional model)."""
+        return self.conditioning.p_uncond
+
+    @property
     def null_label(self) -> int | None:
         """The label index that means "no class" (classifier-free guidance's unconditional pass)."""
-        return self.num_classes
+        return self.conditioning.num_classes
 
     def configure_model(self) -> None:
         """Speed knobs, applied in each training process: channels_last memory and torch.compile of the UNet.
@@ -159,7 +165,7 @@ class DiffusionModule(L.LightningModule):
         """x0 of the process for a batch: the images, or in latent space s E(images) (s z for cached latents z)."""
         if self.latent is None:
             return x
-        return self.latent.scale(x if self.latent.cached_inputs else self.latent.encode(x, generator))
+        return self.latent.scale(x if self.latent.cache else self.latent.encode(x, generator))
 
     def on_fit_start(self) -> None:
         """Decide the latent scale, then fit the noise's statistics on the scaled training stream: each once, on
@@ -171,7 +177,7 @@ class DiffusionModule(L.LightningModule):
         if self.latent is not None and not self.latent.scaled:
             if rank_zero:
                 first = training_batches(self.trainer.datamodule)[: self.latent.scale_batches]
-                z = [b if self.latent.cached_inputs else self.latent.encode(b.to(self.device)) for b in first]
+                z = [b if self.latent.cache else self.latent.encode(b.to(self.device)) for b in first]
                 how = self.latent.decide_scale(z)
                 print(f"latent scale: {float(self.latent.scaling_factor):.6g} ({how})", flush=True)
             self.latent.scaling_factor.copy_(self.trainer.strategy.broadcast(self.latent.scaling_factor.cpu(), src=0))
@@ -193,9 +199,7 @@ class DiffusionModule(L.LightningModule):
 
     def step_generator(self) -> torch.Generator:
         """The generator of this training step's random draws, seeded by (seed, global step, rank, micro-batch)."""
-        key = (self.global_step, self.global_rank, self._micro_batch)
-        state = np.random.SeedSequence(entropy=self.seed, spawn_key=key).generate_state(2, dtype=np.uint32)
-        return torch.Generator(device=self.device).manual_seed(int(state[0]) << 31 | int(state[1]) >> 1)
+        return derived_generator(self.seed, self.global_step, self.global_rank, self._micro_batch, device=self.device)
 
     def losses(
         self, x0: Tensor, net: UNetDenoiser, y: Tensor | None = None, generator: torch.Generator | None = None
@@ -220,10 +224,9 @@ class DiffusionModule(L.LightningModule):
             model_input = model_input.contiguous(memory_format=torch.channels_last)
         pred = denoiser.read(net(model_input, t, y), x_t, abar_t)
         target = objective_target(self.objective, x0, noise, abar_t)
-        weight = None if self.weighting == "uniform" else loss_weight(abar_t.flatten(), self.objective, self.weighting, self.min_snr_gamma)
-        losses = simple_loss(pred.output, target, weight)
+        losses = simple_loss(pred.output, target, self.loss.weight(abar_t, self.objective))
         if net.learn_variance:
-            losses = losses + self.vlb_weight * self.schedule.num_timesteps * self.vlb(x0, pred.with_output(pred.output.detach()), t)
+            losses = losses + self.loss.vlb_weight * self.schedule.num_timesteps * self.vlb(x0, pred.with_output(pred.output.detach()), t)
         return losses, t, importance
 
     def vlb(self, x0: Tensor, pred: Prediction, t: Tensor, sampler: DDPM | None = None) -> Tensor:
@@ -244,7 +247,7 @@ class DiffusionModule(L.LightningModule):
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         generator = self.step_generator()
         self._micro_batch += 1
-        y = drop_labels(batch[1], self.p_uncond, self.null_label, generator) if self.num_classes else None
+        y = self.conditioning.training_labels(batch[1], generator)
         losses, t, importance = self.losses(self.diffusion_data(batch[0], generator), self.net, y, generator)
         loss = (losses if importance is None else importance * losses).mean()
         if self.timesteps.kind != "uniform":  # every rank records every rank's losses, so all sample alike
@@ -288,13 +291,12 @@ class DiffusionModule(L.LightningModule):
                     self.log(f"{name}_q{q}", losses[members].mean(), sync_dist=True, batch_size=int(members.sum()))
 
     def configure_optimizers(self) -> dict[str, Any]:
-        optimizer = torch.optim.AdamW(
-            self.net.parameters(), lr=self.lr, weight_decay=self.weight_decay, betas=self.adam_betas
-        )
-        if self.warmup_steps <= 0:
+        """The ``optimizer`` over the UNet's parameters and its ``lr_scheduler``, stepped every optimizer step."""
+        optimizer = self.optimizer_factory(self.net.parameters())
+        scheduler = self.lr_scheduler_factory(optimizer) if self.lr_scheduler_factory is not None else None
+        if scheduler is None:
             return {"optimizer": optimizer}
-        warmup = LinearLR(optimizer, start_factor=1.0 / self.warmup_steps, total_iters=self.warmup_steps)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": warmup, "interval": "step"}}
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def check_sampler(self, sampler: Sampler) -> None:
         """Refuse x0 clipping / dynamic thresholding where x0 is not an image in [-1, 1] (latents, shaped noise)."""

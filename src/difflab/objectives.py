@@ -76,6 +76,38 @@ def loss_weight(abar_t: Tensor, objective: Objective, weighting: Weighting = "un
     return _x0_units(weighting, snr_t, gamma) / _x0_units(objective, snr_t, gamma)
 
 
+class DiffusionLoss:
+    """The training loss's knobs (the ``loss`` config group): w(t) ||target - output||^2 with t ~ ``timestep_sampling``,
+    plus ``vlb_weight`` T L_t when the network ``learn_variance`` (L_hybrid, Nichol & Dhariwal 2021).
+
+    ``weighting`` and ``min_snr_gamma`` choose w(t) (:func:`loss_weight`); ``timestep_sampling`` is uniform or
+    loss_aware (:mod:`difflab.timestep_sampling`). A new knob is a field here and a key in ``conf/loss/``.
+    """
+
+    def __init__(
+        self,
+        weighting: Weighting = "uniform",
+        min_snr_gamma: float = 5.0,
+        learn_variance: bool = False,
+        vlb_weight: float = 0.001,
+        timestep_sampling: str = "uniform",
+    ) -> None:
+        self.weighting, self.min_snr_gamma, self.learn_variance = weighting, float(min_snr_gamma), bool(learn_variance)
+        self.vlb_weight, self.timestep_sampling = float(vlb_weight), timestep_sampling
+        if self.weighting not in WEIGHTINGS:
+            raise ValueError(f"unknown loss.weighting {self.weighting!r}; allowed: {', '.join(WEIGHTINGS)}")
+        if self.weighting == "min_snr" and not self.min_snr_gamma > 0:
+            raise ValueError(f"loss.min_snr_gamma must be > 0 for min_snr weighting, got {self.min_snr_gamma}")
+        if not self.vlb_weight >= 0:
+            raise ValueError(f"loss.vlb_weight must be >= 0, got {self.vlb_weight}")
+
+    def weight(self, abar_t: Tensor, objective: Objective) -> Tensor | None:
+        """w(t) of each sample (B,) for ``objective``, or None where it is 1 (the objective's own loss)."""
+        if self.weighting == "uniform":
+            return None
+        return loss_weight(abar_t.flatten(), objective, self.weighting, self.min_snr_gamma)
+
+
 @dataclass(frozen=True)
 class Prediction:
     """The network's answer at (x_t, t) in its own ``objective``, readable as eps, x0 or v.

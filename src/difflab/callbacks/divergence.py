@@ -108,7 +108,7 @@ class DivergenceGuard(L.Callback):
             raise DivergenceError(
                 f"training diverged at {where}" + (limit if self.events > self.max_events else "")
                 + f"; stopped before the weights took the step (callbacks.divergence.action={self.action}). "
-                f"Checkpoints in {self.checkpoint_dir} hold healthy steps only: resume one with a lower model.lr, "
+                f"Checkpoints in {self.checkpoint_dir} hold healthy steps only: resume one with a lower optimizer.lr, "
                 "or set callbacks.divergence.action=skip or rollback"
             )
         if action == "rollback":

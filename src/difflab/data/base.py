@@ -164,7 +164,12 @@ class InMemoryDataModule(L.LightningDataModule):
         self.val_set: TensorImages | None = None
         self.class_names: list[str] = []
         self.encoded: tuple[TensorImages, TensorImages] | None = None
-        """(train, val) cached latents when training reads them (:func:`difflab.latent.use_cached_latents`)."""
+        """(train, val) cached latents when training reads them (:meth:`serve_latents`)."""
+
+    def serve_latents(self, train: TensorImages, val: TensorImages) -> None:
+        """Have the loaders serve these latents (:func:`difflab.latent.cached_latents`) instead of the images;
+        ``train_set`` / ``val_set`` stay the images (metrics compare samples to them)."""
+        self.encoded = (train, val)
 
     def split_batch(self, world_size: int, accumulate_grad_batches: int = 1) -> int:
         """Set and return the per-process micro-batch: batch_size / (world_size * accumulate_grad_batches)."""

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from difflab.build import load_classifier
 from difflab.classifier import NoisyClassifier
 from difflab.distributed import tensor_digest
 from difflab.errors import ConfigError
@@ -77,8 +78,6 @@ class ClassifierFeatures(FeatureExtractor):
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike) -> ClassifierFeatures:
         """The features of a ``train_classifier.py`` checkpoint (a ``.ckpt`` file or a run dir), loaded weights-only."""
-        from difflab.tasks import load_classifier  # tasks imports the callbacks, which import this module
-
         try:
             classifier = load_classifier(path)
         except ConfigError as err:

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from difflab.noise import PerSampleNoise
+from difflab.seeding import PerSampleNoise
 from difflab.objectives import Objective, Prediction
 from difflab.samplers.timesteps import Spacing, step_pairs, timestep_grid
 

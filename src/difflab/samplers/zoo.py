@@ -24,7 +24,7 @@ import diffusers
 import torch
 from torch import Tensor
 
-from difflab.noise import PerSampleNoise
+from difflab.seeding import PerSampleNoise
 from difflab.objectives import Objective, Prediction
 from difflab.samplers.base import Sampler
 

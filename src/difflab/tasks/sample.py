@@ -1,0 +1,116 @@
+"""sample.py: draw images from a checkpoint, with classifier-free or classifier guidance; samples.npz and grid.png."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from difflab.build import instantiate_node, load_checkpoint, load_classifier
+from difflab.errors import ConfigError
+from difflab.guidance import balanced_labels
+from difflab.images import save_grid, to_uint8
+from difflab.module import DiffusionModule
+from difflab.samplers import Sampler
+from difflab.tasks.common import check_counts, checked_out_dir, pick_device, show
+
+
+@dataclass
+class SamplingPlan:
+    """What sample.py and evaluate.py draw: the sampler, each sample's label, ``module.generate``'s guidance."""
+
+    sampler: Sampler
+    labels: torch.Tensor | None
+    num_samples: int
+    guidance: dict[str, Any]
+    class_names: list[str]
+
+    def draw(self, module: DiffusionModule, cfg: DictConfig) -> torch.Tensor:
+        """The plan's images (N, C, H, W) in [-1, 1] from ``cfg.seed``, ``cfg.batch_size`` at a time."""
+        return module.generate(
+            self.sampler, self.num_samples, cfg.seed, cfg.batch_size, labels=self.labels, progress=cfg.progress,
+            **self.guidance,
+        )
+
+
+def sampling_plan(cfg: DictConfig, sampler: Sampler, module: DiffusionModule, device: torch.device) -> SamplingPlan:
+    """Check the guidance settings against the model (and ``cfg.classifier``) and pick the labels (:func:`sample`)."""
+    module.check_sampler(sampler)
+    try:
+        module.check_guidance_scale(cfg.guidance_scale)
+    except ValueError as err:
+        raise ConfigError(f"{cfg.ckpt}: {err}") from err
+    class_names = list(module.hparams["run_config"].get("conditioning", {}).get("class_names", []))
+    num_classes, source = module.num_classes, f"the model {cfg.ckpt}"
+    guidance = {"use_ema": cfg.use_ema, "guidance_scale": cfg.guidance_scale, "guidance_rescale": cfg.guidance_rescale}
+    if cfg.classifier is not None:
+        if module.latent is not None:
+            raise ConfigError(
+                f"classifier={cfg.classifier} cannot guide the latent-space model {cfg.ckpt}: the classifier was trained "
+                "on noisy images, the model denoises latents; use classifier-free guidance (conditioning=class)"
+            )
+        classifier = load_classifier(cfg.classifier).to(device)
+        if not classifier.noise_aware:
+            raise ConfigError(
+                f"classifier={cfg.classifier} was trained on clean images only (noise_aware=false: a feature network "
+                "for FID / KID), so its gradients on noisy x_t mean nothing: give a train_classifier.py run "
+                "(noise_aware=true, the default)"
+            )
+        if not torch.equal(classifier.schedule.betas.cpu(), module.schedule.betas.cpu()):
+            raise ConfigError(f"classifier {cfg.classifier} was trained on another noise schedule than {cfg.ckpt}")
+        k = classifier.net.head.out_features
+        if num_classes and num_classes != k:
+            raise ConfigError(f"classifier {cfg.classifier} has {k} classes, the model {num_classes}")
+        num_classes = k
+        class_names = class_names or list(classifier.hparams["run_config"].get("class_names", []))
+        guidance |= {"classifier": classifier.net, "classifier_scale": cfg.classifier_scale}
+    labels = sample_labels(cfg, num_classes, class_names, source)
+    num_samples = cfg.num_samples if labels is None else len(labels)
+    return SamplingPlan(sampler, labels, num_samples, guidance, class_names)
+
+
+def sample_labels(cfg: DictConfig, num_classes: int | None, class_names: list[str], source: str) -> torch.Tensor | None:
+    """The class of every sample: ``labels=all`` (balanced, the default) or a list of ids / names, cycled."""
+    if not num_classes:
+        if cfg.labels is not None:
+            raise ConfigError(
+                f"labels={cfg.labels} given, but {source} is unconditional (trained with conditioning=none): "
+                "train with conditioning=class, or give a classifier= for classifier guidance"
+            )
+        return None
+    if cfg.labels is None or cfg.labels == "all":
+        return balanced_labels(num_classes, cfg.num_samples)
+    requested = list(cfg.labels) if OmegaConf.is_list(cfg.labels) else [cfg.labels]
+    ids = []
+    for label in requested:
+        if isinstance(label, str) and label in class_names:
+            ids.append(class_names.index(label))
+        elif isinstance(label, int) and 0 <= label < num_classes:
+            ids.append(label)
+        else:
+            allowed = f"class ids in [0, {num_classes})" + (f" or names {class_names}" if class_names else "")
+            raise ConfigError(f"label {label!r} is not a class of this model: allowed are {allowed}, or labels=all")
+    return torch.tensor(ids)[torch.arange(cfg.num_samples) % len(ids)]
+
+
+def sample(cfg: DictConfig) -> dict[str, Any]:
+    """Sample ``cfg.num_samples`` images from ``cfg.ckpt``; writes samples.npz (arr_0: uint8 NHWC, arr_1: labels) and grid.png."""
+    check_counts(cfg, "num_samples", "batch_size")
+    out_dir = checked_out_dir(cfg, ("samples.npz", "grid.png"))
+    sampler = instantiate_node(cfg.sampler, "sampler")
+    device = pick_device(cfg.device)
+    module = load_checkpoint(cfg.ckpt, cfg.get("vae_path")).to(device)
+    plan = sampling_plan(cfg, sampler, module, device)
+    if plan.class_names:
+        print(f"classes:     {dict(enumerate(plan.class_names))}", flush=True)
+    images = to_uint8(plan.draw(module, cfg))
+    labels = plan.labels
+    out_dir.mkdir(parents=True, exist_ok=True)
+    arrays = {"arr_0": images} if labels is None else {"arr_0": images, "arr_1": labels.numpy()}
+    np.savez(out_dir / "samples.npz", **arrays)
+    grid = save_grid(images, out_dir / "grid.png", scale=cfg.grid_scale, labels=None if labels is None else labels.numpy())
+    print(f"samples:     {show(out_dir / 'samples.npz')} {images.shape} {images.dtype}\ngrid:        {show(grid)}", flush=True)
+    return {"samples": out_dir / "samples.npz", "grid": grid, "images": images, "labels": labels}

@@ -1,0 +1,101 @@
+"""train.py, train_classifier.py and train_vae.py: build the module and the data from the config, then fit."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+
+import lightning as L
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from difflab.build import (
+    build_autoencoder,
+    build_classifier,
+    build_module,
+    instantiate_node,
+    training_config,
+    with_classes,
+)
+from difflab.callbacks.preemption import Preemption
+from difflab.checkpointing import AtomicCheckpointIO
+from difflab.distributed import RankConsistency, forward_signals_to_children, launch_settings
+from difflab.errors import ConfigError
+from difflab.latent import cached_latents
+from difflab.module import DiffusionModule
+from difflab.tasks.common import show
+from difflab.tasks.report import build_logger, report_training
+from difflab.tasks.resume import resume_from
+from difflab.vae import latent_shape
+
+log = logging.getLogger(__name__)
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Fit the model of ``cfg`` on its dataset; returns the final callback metrics (val/loss, ...)."""
+    L.seed_everything(cfg.seed, workers=True)
+    datamodule = instantiate_node(cfg.dataset, "dataset", seed=cfg.seed)  # seed: of the data order and augmentations
+    datamodule.setup("fit")  # bad data fails here, before a trainer or any output exists
+    cfg = training_config(cfg, list(datamodule.class_names))
+    module = build_module(cfg)
+    data_shape = tuple(datamodule.train_set.images.shape[1:])
+    if data_shape != module.image_shape:
+        raise ConfigError(f"the dataset's images are {data_shape} but the model expects {module.image_shape}")
+    module.noise.check_num_samples(len(datamodule.train_set))
+    if module.latent is not None and module.latent.cache:  # the module was built to read latents: serve them
+        path, train_latents, val_latents = cached_latents(datamodule, module.latent, cfg.seed)
+        datamodule.serve_latents(train_latents, val_latents)
+        print(f"latent cache: {show(path)}", flush=True)
+    module.check_sampler(instantiate_node(cfg.sampler, "sampler"))  # the sampler of the training-time grids
+    with warnings.catch_warnings():
+        if module.latent is not None:  # the frozen VAE stays in eval mode on purpose
+            warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training")
+        return fit(cfg, module, datamodule)
+
+
+def train_classifier(cfg: DictConfig) -> dict[str, float]:
+    """Fit a noise-aware classifier p(y | x_t, t) on the dataset and schedule of ``cfg`` (classifier guidance)."""
+    L.seed_everything(cfg.seed, workers=True)
+    datamodule = instantiate_node(cfg.dataset, "dataset", seed=cfg.seed)
+    datamodule.setup("fit")
+    cfg = with_classes(cfg, "classifier.net", list(datamodule.class_names), "a classifier")
+    cfg.class_names = list(datamodule.class_names)
+    return fit(cfg, build_classifier(cfg), datamodule)
+
+
+def train_vae(cfg: DictConfig) -> dict[str, float]:
+    """Stage 1 of latent diffusion: fit the AutoencoderKL of ``cfg.autoencoder``; it is saved to ``<run dir>/vae``."""
+    L.seed_everything(cfg.seed, workers=True)
+    datamodule = instantiate_node(cfg.dataset, "dataset")
+    datamodule.setup("fit")
+    module = build_autoencoder(cfg)
+    latent_shape(module.vae, datamodule.train_set.images.shape[1:])  # channels and size checked before training
+    return fit(cfg, module, datamodule)
+
+
+def fit(cfg: DictConfig, module: L.LightningModule, datamodule: L.LightningDataModule) -> dict[str, float]:
+    """Fit ``module`` on ``datamodule`` with the trainer, callbacks and loggers of ``cfg``, from where
+    :func:`~difflab.tasks.resume.resume_from` says; reports the run (rank 0) and returns the callback metrics."""
+    ckpt_path = resume_from(cfg)
+    callbacks = [instantiate_node(c, f"callbacks.{name}") for name, c in (cfg.get("callbacks") or {}).items() if c]
+    loggers = [build_logger(c, Path(cfg.output_dir)) for c in (cfg.get("logger") or {}).values() if c]
+    launch = launch_settings(cfg.trainer.get("strategy"))
+    launch["plugins"] = [AtomicCheckpointIO(), *launch.get("plugins", [])]
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **launch)
+    if hasattr(datamodule, "split_batch"):
+        per_device = datamodule.split_batch(trainer.world_size, trainer.accumulate_grad_batches)
+        if trainer.world_size > 1 or trainer.accumulate_grad_batches > 1:
+            log.info("global batch %d = %d process%s x %d accumulated x %d per step", datamodule.batch_size,
+                     trainer.world_size, "es" if trainer.world_size > 1 else "", trainer.accumulate_grad_batches,
+                     per_device)
+    if trainer.world_size > 1 and isinstance(module, DiffusionModule):
+        trainer.callbacks.append(RankConsistency(cfg.output_dir))
+    preemption = next((c for c in callbacks if isinstance(c, Preemption)), None)
+    forward = preemption.signals if preemption and launch.get("strategy") == "ddp_spawn" else []
+    with forward_signals_to_children(forward):
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    if trainer.is_global_zero:
+        report_training(Path(cfg.output_dir), metrics, cfg)
+    return metrics
