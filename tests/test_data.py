@@ -92,3 +92,38 @@ def test_truncated_image_is_refused(tmp_path):
 def test_batch_size_larger_than_the_training_split_is_refused():
     with pytest.raises(ConfigError, match="fewer than dataset.batch_size=5000"):
         DigitsDataModule(resolution=8, batch_size=5000).setup()
+
+
+@pytest.mark.parametrize("resolution", [0, -8, 8.5, "8", True])
+def test_resolution_must_be_a_positive_integer(resolution):
+    with pytest.raises(ConfigError, match=rf"dataset.resolution must be a positive integer .* got {resolution!r}"):
+        DigitsDataModule(resolution=resolution)
+
+
+def test_val_fraction_zero_warns_that_there_is_no_validation():
+    dm = DigitsDataModule(resolution=8, val_fraction=0)
+    with pytest.warns(UserWarning) as warned:
+        dm.setup()
+    assert [str(w.message) for w in warned] == [
+        "dataset.val_fraction=0: no images are held out, so training runs no validation: no val/loss is logged and "
+        "no checkpoints/best.ckpt is written (only last.ckpt and step_*.ckpt); set dataset.val_fraction > 0 to validate"
+    ]
+    assert len(dm.train_set) == 1797 and len(dm.val_set) == 0
+
+
+@pytest.mark.parametrize(
+    ("n", "fraction", "says"),
+    [(6, 0.05, "dataset.val_fraction=0.05 of 6 images rounds to 0 validation images: use dataset.val_fraction "
+               ">= 0.1667 (one image), or dataset.val_fraction=0"),
+     (1, 0.3, "dataset.val_fraction=0.3 of 1 images rounds to 0 validation images: use dataset.val_fraction=0")],
+    ids=["6 images", "1 image"],
+)
+def test_a_validation_split_of_no_image_is_refused_naming_the_fraction_needed(tmp_path, n, fraction, says):
+    _write_images(tmp_path, n)
+    with pytest.raises(ConfigError) as raised:
+        ImageFolderDataModule(path=str(tmp_path), resolution=8, batch_size=1, val_fraction=fraction).setup()
+    assert says in str(raised.value)
+    if n > 1:  # the fraction named holds out one image
+        dm = ImageFolderDataModule(path=str(tmp_path), resolution=8, batch_size=1, val_fraction=0.1667)
+        dm.setup()
+        assert (len(dm.train_set), len(dm.val_set)) == (n - 1, 1)
