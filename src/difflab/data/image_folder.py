@@ -1,7 +1,7 @@
 """A folder of the user's images, flat or one sub-folder per class (the ImageFolder layout).
 
 Images are read upright (their EXIF orientation applied) on the scale of their bit depth: 8-bit
-images as today, 16-bit ones (modes I;16, I;16B, ...) divided by 65535, 32-bit integer ones (mode I,
+images as 0..255, 16-bit ones (modes I;16, I;16B, ...) divided by 65535, 32-bit integer ones (mode I,
 as Pillow opens some 16-bit files) on the same 16-bit scale, float ones (mode F) as [0, 1]; values
 outside that scale are refused rather than clipped.
 """
