@@ -126,6 +126,21 @@ CASES = [
          "sampler.clip_x0 cannot be used with noise=covariance", "set sampler.clip_x0=false, or use noise=iid"),
     case("divergence action not an option", "train", "callbacks.divergence.action=undo",
          "callbacks.divergence.action='undo' is not an option", "('stop', 'skip', 'rollback')"),
+    case("class folders beside a stray top-level image", "train",
+         "dataset=image_folder dataset.path={mixed_dir} conditioning=class",
+         "dataset.path={mixed_dir} holds class sub-folders (cats, dogs)", "1 image(s) at its top level (stray.png)",
+         "move the top-level images into a class folder or remove them"),
+    case("image over the decompression-bomb limit", "train",
+         "dataset=image_folder dataset.path={rgb_dir} dataset.max_image_pixels=100",
+         "image {rgb_dir}/0.png has 12x12 = 144 pixels", "more than dataset.max_image_pixels=100",
+         "PIL.Image.MAX_IMAGE_PIXELS", "raise dataset.max_image_pixels"),
+    case("dataset too small for a validation split", "train", "dataset=image_folder dataset.path={small_dir}",
+         "dataset.val_fraction=0.05 of 6 images rounds to 0 validation images",
+         "use dataset.val_fraction >= 0.1667 (one image), or dataset.val_fraction=0"),
+    case("resolution not positive", "train", "dataset.resolution=0",
+         "dataset.resolution must be a positive integer", "got 0"),
+    case("resolution not an integer", "train", "dataset.resolution=8.5",
+         "dataset.resolution must be a positive integer", "got 8.5"),
 ]
 
 
@@ -150,13 +165,13 @@ def _paths(tmp: Path, trained_run: Path, conditional: Path | None, needed: set[s
     shutil.copytree(trained_run, run)
     paths = {"run": run, "tmp": tmp, "file": tmp / "a_file", "empty_dir": tmp / "empty", "bad_image_dir": tmp / "bad",
              "cut_image_dir": tmp / "cut", "rgb_dir": tmp / "rgb", "cut_ckpt": tmp / "cut.ckpt",
-             "pickle_ckpt": tmp / "pickle.ckpt"}
+             "pickle_ckpt": tmp / "pickle.ckpt", "mixed_dir": tmp / "mixed", "small_dir": tmp / "small"}
     if conditional is not None:
         paths["conditional"] = conditional
     make = set(paths) if needed is None else needed
     if "file" in make:
         paths["file"].write_text("not a directory")
-    for name in {"empty_dir", "bad_image_dir", "cut_image_dir", "rgb_dir"} & make:
+    for name in {"empty_dir", "bad_image_dir", "cut_image_dir", "rgb_dir", "small_dir"} & make:
         paths[name].mkdir()
     if "bad_image_dir" in make:
         _write_png(paths["bad_image_dir"] / "good.png")
@@ -169,6 +184,15 @@ def _paths(tmp: Path, trained_run: Path, conditional: Path | None, needed: set[s
     if "rgb_dir" in make:
         for i in range(40):
             _write_png(paths["rgb_dir"] / f"{i}.png", mode="RGB")
+    if "mixed_dir" in make:  # two class folders and one image beside them
+        for name in ("cats", "dogs"):
+            (paths["mixed_dir"] / name).mkdir(parents=True)
+            for i in range(2):
+                _write_png(paths["mixed_dir"] / name / f"{i}.png", mode="RGB")
+        _write_png(paths["mixed_dir"] / "stray.png", mode="RGB")
+    if "small_dir" in make:  # 6 images: image_folder's val_fraction=0.05 holds out none
+        for i in range(6):
+            _write_png(paths["small_dir"] / f"{i}.png", mode="RGB")
     if "cut_ckpt" in make:
         data = (run / "checkpoints" / "last.ckpt").read_bytes()
         paths["cut_ckpt"].write_bytes(data[: len(data) // 2])

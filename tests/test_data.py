@@ -92,3 +92,123 @@ def test_truncated_image_is_refused(tmp_path):
 def test_batch_size_larger_than_the_training_split_is_refused():
     with pytest.raises(ConfigError, match="fewer than dataset.batch_size=5000"):
         DigitsDataModule(resolution=8, batch_size=5000).setup()
+
+
+def _load_one(folder, **kwargs):
+    dm = ImageFolderDataModule(path=str(folder), batch_size=1, val_fraction=0.5, **kwargs)
+    dm.setup()
+    return torch.cat([dm.train_set.images, dm.val_set.images])
+
+
+@pytest.mark.parametrize(
+    ("mode", "name", "dtype", "value"),
+    [("I;16", "a.png", np.uint16, 1000), ("I;16B", "a.tif", ">u2", 1000), ("I", "a.tif", np.int32, 1000),
+     ("F", "a.tif", np.float32, 1000 / 65535)],
+    ids=["I;16", "I;16B", "I", "F"],
+)
+@pytest.mark.parametrize("channels", [1, 3])
+def test_high_bit_depth_images_are_scaled_by_their_bit_depth(tmp_path, mode, name, dtype, value, channels):
+    Image.frombytes(mode, (6, 6), np.full((6, 6), value, dtype).tobytes()).save(tmp_path / name)
+    Image.fromarray(np.full((6, 6), 200, np.uint8)).save(tmp_path / "b.png")  # 8-bit: as before, 200 / 127.5 - 1
+    with Image.open(tmp_path / name) as img:
+        assert img.mode == mode
+    x = _load_one(tmp_path, resolution=4, channels=channels)
+    assert x.shape == (2, channels, 4, 4)
+    values = sorted(x.flatten().unique().tolist())  # 16-bit 1000 is dark: about -0.97, not clipped to white (1.0)
+    assert values == [pytest.approx(2 * 1000 / 65535 - 1, abs=1e-6), pytest.approx(200 / 127.5 - 1, abs=1e-7)]
+
+
+@pytest.mark.parametrize(
+    ("mode", "value", "says"),
+    [("F", 1.5, r"\[1.5, 1.5\], outside \[0, 1\]"), ("I", 70000, r"\[70000, 70000\], outside \[0, 65535\]")],
+    ids=["F", "I"],
+)
+def test_high_bit_depth_values_off_their_scale_are_refused(tmp_path, mode, value, says):
+    dtype = np.float32 if mode == "F" else np.int32
+    Image.frombytes(mode, (4, 4), np.full((4, 4), value, dtype).tobytes()).save(tmp_path / "a.tif")
+    with pytest.raises(ConfigError, match=rf"image .*a.tif \(mode {mode}\) has values in {says}.*rescale it"):
+        _load_one(tmp_path, resolution=4, channels=1)
+
+
+def test_exif_orientation_is_applied_before_resizing(tmp_path):
+    upright = np.full((16, 16, 3), 30, np.uint8)
+    upright[:, 8:] = 220  # dark left half, bright right half
+    upright[:4] = 120  # a grey top band
+    Image.fromarray(upright).save(tmp_path / "upright.jpg", quality=95)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation 6: the stored image is shown turned 90 degrees clockwise
+    Image.fromarray(upright).transpose(Image.Transpose.ROTATE_90).save(tmp_path / "turned.jpg", quality=95, exif=exif)
+    from difflab.data.image_folder import load_image
+
+    a, b = (load_image(tmp_path / f"{name}.jpg", 8, 3) for name in ("upright", "turned"))
+    assert (a - b).abs().max().item() < 0.1  # equal within JPEG's error
+    assert (a - b.transpose(1, 2)).abs().mean().item() > 0.5  # read as stored, it would be far off
+
+
+def test_a_stray_image_beside_class_folders_is_refused_naming_a_few(tmp_path):
+    _write_images(tmp_path / "cats", 2)
+    _write_images(tmp_path / "stray", 7)
+    for p in sorted((tmp_path / "stray").iterdir()):
+        p.rename(tmp_path / p.name)
+    (tmp_path / "stray").rmdir()
+    dm = ImageFolderDataModule(path=str(tmp_path), resolution=8, channels=3, batch_size=1)
+    with pytest.raises(ConfigError) as raised:
+        dm.setup()
+    assert f"dataset.path={tmp_path} holds class sub-folders (cats) and also 7 image(s) at its top level " \
+           "(img0.png, img1.png, img2.png, img3.png, img4.png, ...)" in str(raised.value)
+
+
+def test_a_flat_folder_beside_an_image_less_sub_folder_stays_one_set(tmp_path):
+    _write_images(tmp_path, 4)
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "a.txt").write_text("no images here")
+    assert _load_one(tmp_path, resolution=8, channels=3).shape == (4, 3, 8, 8)
+
+
+def test_the_pixel_limit_is_pillows_by_default_and_can_be_raised(tmp_path):
+    from omegaconf import OmegaConf
+
+    assert OmegaConf.load("conf/dataset/image_folder.yaml").max_image_pixels == Image.MAX_IMAGE_PIXELS == 89478485
+    assert ImageFolderDataModule(path=str(tmp_path)).max_image_pixels == Image.MAX_IMAGE_PIXELS
+    _write_images(tmp_path, 2, size=(12, 10))  # 120 pixels
+    with pytest.raises(ConfigError, match=r"img0.png has 12x10 = 120 pixels, more than dataset.max_image_pixels=119"):
+        _load_one(tmp_path, resolution=8, channels=3, max_image_pixels=119)
+    assert Image.MAX_IMAGE_PIXELS == 89478485  # Pillow's own limit is restored
+    assert _load_one(tmp_path, resolution=8, channels=3, max_image_pixels=120).shape == (2, 3, 8, 8)
+    with pytest.raises(ConfigError, match="dataset.max_image_pixels must be a positive integer .* got 0"):
+        ImageFolderDataModule(path=str(tmp_path), max_image_pixels=0)
+
+
+@pytest.mark.parametrize("resolution", [0, -8, 8.5, "8", True])
+def test_resolution_must_be_a_positive_integer(resolution):
+    with pytest.raises(ConfigError, match=rf"dataset.resolution must be a positive integer .* got {resolution!r}"):
+        DigitsDataModule(resolution=resolution)
+
+
+def test_val_fraction_zero_warns_that_there_is_no_validation():
+    dm = DigitsDataModule(resolution=8, val_fraction=0)
+    with pytest.warns(UserWarning) as warned:
+        dm.setup()
+    assert [str(w.message) for w in warned] == [
+        "dataset.val_fraction=0: no images are held out, so training runs no validation: no val/loss is logged and "
+        "no checkpoints/best.ckpt is written (only last.ckpt and step_*.ckpt); set dataset.val_fraction > 0 to validate"
+    ]
+    assert len(dm.train_set) == 1797 and len(dm.val_set) == 0
+
+
+@pytest.mark.parametrize(
+    ("n", "fraction", "says"),
+    [(6, 0.05, "dataset.val_fraction=0.05 of 6 images rounds to 0 validation images: use dataset.val_fraction "
+               ">= 0.1667 (one image), or dataset.val_fraction=0"),
+     (1, 0.3, "dataset.val_fraction=0.3 of 1 images rounds to 0 validation images: use dataset.val_fraction=0")],
+    ids=["6 images", "1 image"],
+)
+def test_a_validation_split_of_no_image_is_refused_naming_the_fraction_needed(tmp_path, n, fraction, says):
+    _write_images(tmp_path, n)
+    with pytest.raises(ConfigError) as raised:
+        ImageFolderDataModule(path=str(tmp_path), resolution=8, batch_size=1, val_fraction=fraction).setup()
+    assert says in str(raised.value)
+    if n > 1:  # the fraction named holds out one image
+        dm = ImageFolderDataModule(path=str(tmp_path), resolution=8, batch_size=1, val_fraction=0.1667)
+        dm.setup()
+        assert (len(dm.train_set), len(dm.val_set)) == (n - 1, 1)

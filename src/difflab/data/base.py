@@ -1,6 +1,6 @@
 """In-memory image DataModules: the whole dataset is one tensor, batches are index slices.
 
-Measured on 2 cores (../shared/NOTES.md): DataLoader workers cost 10-30x more per batch than
+Measured on 2 cores: DataLoader workers cost 10-30x more per batch than
 indexing a tensor in the main process, so batches are fetched whole through ``__getitems__``.
 
 The training stream is resumable: epoch e's order and every augmentation coin are functions of
@@ -11,6 +11,8 @@ uninterrupted one.
 
 from __future__ import annotations
 
+import math
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -144,6 +146,10 @@ class InMemoryDataModule(L.LightningDataModule):
     accumulated micro-batches. :meth:`split_batch` divides it among them before a fit, so changing
     the number of GPUs or the accumulation leaves the experiment (and every cadence counted in
     optimizer steps) unchanged.
+
+    ``val_fraction`` of the images (rounded) is held out for validation. ``val_fraction=0`` trains
+    without validation (no val/loss, no best.ckpt), which :meth:`setup` warns about; a fraction
+    above 0 that rounds to no image is refused, naming the fraction that holds out one.
     """
 
     def __init__(
@@ -151,6 +157,11 @@ class InMemoryDataModule(L.LightningDataModule):
         hflip: bool = False, split_seed: int = 0, seed: int = 0,
     ) -> None:
         super().__init__()
+        if isinstance(resolution, bool) or not isinstance(resolution, int) or resolution <= 0:
+            raise ConfigError(
+                f"dataset.resolution must be a positive integer (the side of the square images in pixels), "
+                f"got {resolution!r}"
+            )
         if batch_size <= 0:
             raise ConfigError(f"dataset.batch_size must be a positive integer, got {batch_size}")
         if not 0.0 <= val_fraction < 1.0:
@@ -188,7 +199,7 @@ class InMemoryDataModule(L.LightningDataModule):
         if tuple(images.shape[1:]) != expected:
             raise ConfigError(f"dataset gives images of shape {tuple(images.shape[1:])}, expected {expected}")
         order = torch.randperm(len(images), generator=torch.Generator().manual_seed(self.split_seed))
-        n_val = int(round(self.val_fraction * len(images)))
+        n_val = self._num_val(len(images))
         val, train = order[:n_val], order[n_val:]
         if len(train) < self.batch_size:
             raise ConfigError(
@@ -196,6 +207,26 @@ class InMemoryDataModule(L.LightningDataModule):
             )
         self.train_set = TensorImages(images[train], labels[train], self.hflip)
         self.val_set = TensorImages(images[val], labels[val])
+
+    def _num_val(self, n: int) -> int:
+        """The size of the validation split of ``n`` images; refused if it rounds to 0, warned about if it is 0."""
+        if self.val_fraction == 0:
+            warnings.warn(
+                "dataset.val_fraction=0: no images are held out, so training runs no validation: no val/loss is "
+                "logged and no checkpoints/best.ckpt is written (only last.ckpt and step_*.ckpt); set "
+                "dataset.val_fraction > 0 to validate",
+                stacklevel=3,
+            )
+            return 0
+        n_val = int(round(self.val_fraction * n))
+        if n_val == 0:
+            needed = math.ceil(1e4 / n) / 1e4  # the fraction of one image, rounded up to 4 decimals
+            one = f"dataset.val_fraction >= {needed:g} (one image), or " if needed < 1 else ""
+            raise ConfigError(
+                f"dataset.val_fraction={self.val_fraction} of {n} images rounds to 0 validation images: "
+                f"use {one}dataset.val_fraction=0 to train without validation (no val/loss, no best.ckpt)"
+            )
+        return n_val
 
     @property
     def train_source(self) -> TensorImages:

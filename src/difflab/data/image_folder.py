@@ -1,7 +1,15 @@
-"""A folder of the user's images, flat or one sub-folder per class (the ImageFolder layout)."""
+"""A folder of the user's images, flat or one sub-folder per class (the ImageFolder layout).
+
+Images are read upright (their EXIF orientation applied) on the scale of their bit depth: 8-bit
+images as 0..255, 16-bit ones (modes I;16, I;16B, ...) divided by 65535, 32-bit integer ones (mode I,
+as Pillow opens some 16-bit files) on the same 16-bit scale, float ones (mode F) as [0, 1]; values
+outside that scale are refused rather than clipped.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -13,40 +21,113 @@ from difflab.data.base import InMemoryDataModule
 from difflab.errors import ConfigError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+PILLOW_MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS
+"""Pillow's decompression-bomb limit (pixels), the default of ``dataset.max_image_pixels``."""
+SHOWN = 5
+"""How many offending file names an error lists before '...'."""
 
 
-def load_image(path: Path, resolution: int, channels: int) -> Tensor:
-    """One image resized (shorter side) and centre-cropped to resolution^2, as (C, H, W) in [-1, 1]."""
+def _full_scale(mode: str) -> float | None:
+    """The value of white in a high-bit-depth mode (65535 for 16- and 32-bit integers, 1 for floats), else None."""
+    if mode == "F":
+        return 1.0
+    if mode == "I" or mode.startswith("I;16"):
+        return 65535.0
+    return None
+
+
+@contextmanager
+def _no_pillow_pixel_limit() -> Iterator[None]:
+    """Pillow's own decompression-bomb check off (``dataset.max_image_pixels`` is checked instead), then restored."""
+    saved = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
     try:
-        with Image.open(path) as img:
-            img = img.convert("L" if channels == 1 else "RGB")
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
+
+
+def _on_8bit_scale(img: Image.Image, full: float, path: Path) -> Image.Image:
+    """A high-bit-depth image as mode F on the 8-bit scale [0, 255] (white ``full`` -> 255)."""
+    x = np.asarray(img, dtype=np.float32)
+    if not np.all((x >= 0) & (x <= full)):
+        raise ConfigError(
+            f"image {path} (mode {img.mode}) has values in [{x.min():g}, {x.max():g}], outside [0, {full:g}], the "
+            f"range mode {img.mode} is read in: rescale it to [0, {full:g}], or save it as an 8- or 16-bit PNG"
+        )
+    return Image.fromarray(x * np.float32(255 / full))
+
+
+def load_image(path: Path, resolution: int, channels: int, max_image_pixels: int = PILLOW_MAX_IMAGE_PIXELS) -> Tensor:
+    """One image, upright, resized (shorter side) and centre-cropped to resolution^2, as (C, H, W) in [-1, 1].
+
+    An image of more than ``max_image_pixels`` pixels is refused before it is decoded (a decompression bomb).
+    """
+    try:
+        with _no_pillow_pixel_limit(), Image.open(path) as img:
+            if img.width * img.height > max_image_pixels:
+                raise ConfigError(
+                    f"image {path} has {img.width}x{img.height} = {img.width * img.height} pixels, more than "
+                    f"dataset.max_image_pixels={max_image_pixels} (the decompression-bomb limit, by default Pillow's "
+                    f"PIL.Image.MAX_IMAGE_PIXELS={PILLOW_MAX_IMAGE_PIXELS}): if you trust the file, raise "
+                    "dataset.max_image_pixels above its pixel count, or shrink the image"
+                )
+            img = ImageOps.exif_transpose(img)
+            full = _full_scale(img.mode)
+            img = _on_8bit_scale(img, full, path) if full else img.convert("L" if channels == 1 else "RGB")
             img = ImageOps.fit(img, (resolution, resolution), method=Image.Resampling.BICUBIC)
     except (UnidentifiedImageError, OSError) as err:
         raise ConfigError(
             f"cannot read image {path}: {err} (every file with an image extension under dataset.path must be an "
             "image file PIL can open: remove or replace it)"
         ) from err
-    x = torch.from_numpy(np.asarray(img, dtype=np.float32).copy()).reshape(resolution, resolution, channels)
+    x = np.asarray(img, dtype=np.float32)
+    if x.ndim == 2 and channels == 3:  # a high-bit-depth gray image: gray to RGB copies it, as Pillow's convert does
+        x = np.repeat(x[:, :, None], 3, axis=2)
+    x = torch.from_numpy(np.clip(x, 0, 255)).reshape(resolution, resolution, channels)  # clip: bicubic overshoot
     return x.permute(2, 0, 1) / 127.5 - 1
 
 
-class ImageFolderDataModule(InMemoryDataModule):
-    """Images under ``path``; sub-folders of ``path`` become classes (sorted names), else one unlabeled set."""
+def _listing(names: list[str]) -> str:
+    """The first few of ``names``, comma-separated, '...' if there are more."""
+    return ", ".join(names[:SHOWN]) + (", ..." if len(names) > SHOWN else "")
 
-    def __init__(self, path: str, resolution: int = 32, channels: int = 3, **kwargs) -> None:
+
+class ImageFolderDataModule(InMemoryDataModule):
+    """Images under ``path``: either one sub-folder per class (sorted names), or flat (one unlabeled set).
+
+    ``max_image_pixels``: images with more pixels are refused as decompression bombs (default Pillow's limit).
+    """
+
+    def __init__(
+        self, path: str, resolution: int = 32, channels: int = 3, max_image_pixels: int = PILLOW_MAX_IMAGE_PIXELS,
+        **kwargs,
+    ) -> None:
         super().__init__(resolution=resolution, channels=channels, **kwargs)
+        if isinstance(max_image_pixels, bool) or not isinstance(max_image_pixels, int) or max_image_pixels <= 0:
+            raise ConfigError(
+                f"dataset.max_image_pixels must be a positive integer (Pillow's default is {PILLOW_MAX_IMAGE_PIXELS}),"
+                f" got {max_image_pixels!r}"
+            )
         self.path = Path(path).expanduser() if path else None
+        self.max_image_pixels = max_image_pixels
 
     def files(self) -> tuple[list[Path], list[int], list[str]]:
-        """Image files, their class index and the class names."""
+        """Image files, their class index and the class names; class folders beside top-level images are refused."""
         if self.path is None or not self.path.is_dir():
             raise ConfigError(f"dataset.path={self.path} is not a directory: set dataset.path=DIR to a folder of images")
         class_dirs = sorted(p for p in self.path.iterdir() if p.is_dir() and not p.name.startswith("."))
-        top_files = sorted(p for p in self.path.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
-        if class_dirs and not top_files:
-            groups = [(d.name, sorted(p for p in d.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)) for d in class_dirs]
-            groups = [(name, files) for name, files in groups if files]
-        else:
+        top_files = sorted(p for p in self.path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+        groups = [(d.name, sorted(p for p in d.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)) for d in class_dirs]
+        groups = [(name, files) for name, files in groups if files]
+        if groups and top_files:
+            raise ConfigError(
+                f"dataset.path={self.path} holds class sub-folders ({_listing([name for name, _ in groups])}) and also "
+                f"{len(top_files)} image(s) at its top level ({_listing([p.name for p in top_files])}): a dataset "
+                "folder is either one sub-folder per class or flat; move the top-level images into a class folder "
+                "or remove them"
+            )
+        if not groups:
             groups = [("", sorted(p for p in self.path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS))]
         files = [f for _, fs in groups for f in fs]
         if not files:
@@ -59,5 +140,5 @@ class ImageFolderDataModule(InMemoryDataModule):
 
     def load(self) -> tuple[Tensor, Tensor, list[str]]:
         files, labels, names = self.files()
-        images = torch.stack([load_image(f, self.resolution, self.channels) for f in files])
+        images = torch.stack([load_image(f, self.resolution, self.channels, self.max_image_pixels) for f in files])
         return images, torch.tensor(labels, dtype=torch.long), names
