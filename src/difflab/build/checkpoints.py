@@ -11,6 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from difflab.build.config import upgrade_run_config
 from difflab.build.objects import build_classifier, build_module
+from difflab.build.trust import check_stored_config
 from difflab.checkpointing import read_checkpoint_file
 from difflab.classifier import ClassifierModule
 from difflab.errors import ConfigError
@@ -30,8 +31,9 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
 
 
 def read_checkpoint(path: str | os.PathLike, task_name: str) -> tuple[dict[str, Any], DictConfig]:
-    """A checkpoint's contents and run config (upgraded to today's config groups), loaded with
-    ``weights_only=True`` (no arbitrary pickles)."""
+    """A checkpoint's contents and run config, loaded with ``weights_only=True`` (no arbitrary pickles); the config
+    is checked against the allowlist of buildable targets (:mod:`difflab.build.trust`: it never runs code) and
+    upgraded to today's config groups."""
     p = resolve_checkpoint(path)
     ckpt = read_checkpoint_file(p)
     hyper_parameters = ckpt.get("hyper_parameters")
@@ -40,7 +42,7 @@ def read_checkpoint(path: str | os.PathLike, task_name: str) -> tuple[dict[str, 
         raise ConfigError(f"{p} is not a difflab checkpoint (it has no run config or state_dict)")
     if run_config.get("task_name") != task_name:
         raise ConfigError(f"{p} is a checkpoint of a '{run_config.get('task_name')}' run, expected a '{task_name}' run")
-    return ckpt, upgrade_run_config(OmegaConf.create(run_config))
+    return ckpt, upgrade_run_config(OmegaConf.create(check_stored_config(run_config, str(p))))
 
 
 def module_from_checkpoint(ckpt: dict[str, Any], run_config: DictConfig) -> DiffusionModule:

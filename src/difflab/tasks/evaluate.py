@@ -7,7 +7,6 @@ import time
 from typing import Any
 
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from difflab.build import instantiate_node, load_checkpoint, resolve_checkpoint
@@ -85,7 +84,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     device = pick_device(cfg.device)
     ckpt = resolve_checkpoint(cfg.ckpt)
     module = load_checkpoint(ckpt, cfg.get("vae_path")).to(device)
-    datamodule = instantiate(module.hparams["run_config"]["dataset"])  # the data the model was trained on
+    datamodule = instantiate_node(module.hparams["run_config"]["dataset"], "dataset")  # the data it was trained on
     num_timesteps = module.schedule.num_timesteps
     plan, features = None, None
     if quality:

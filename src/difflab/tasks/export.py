@@ -15,8 +15,6 @@ from difflab.tasks.common import show
 
 def export(cfg: DictConfig) -> dict[str, Any]:
     """Write ``cfg.ckpt``'s EMA model in diffusers' format into ``cfg.out`` (:mod:`difflab.export`); its manifest."""
-    from difflab.export import export_diffusers
-
     out = Path(cfg.out).expanduser()
     if out.exists() and not out.is_dir():
         raise ConfigError(f"out={out} is an existing file, not a directory: give a new or empty directory")
