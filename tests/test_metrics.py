@@ -265,3 +265,18 @@ def test_evaluation_under_two_process_ddp_logs_the_single_process_fid(feature_ru
     # each rank sampled 8 of the 16 images and extracted their features; the same EMA weights in one process agree
     cfg = compose("train", [*overrides, f"output_dir={run_dir}"])
     assert _recomputed_fid(run_dir, features, cfg, tmp_path / "reference") == pytest.approx(logged[6], rel=1e-6)
+
+
+def test_an_unknown_torchscript_feature_file_is_refused_unless_trusted(tmp_path):
+    """A TorchScript file is a program: only the standard FID file loads, or one the user vouches for."""
+
+    class Pool(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x.mean(dim=(2, 3))
+
+    path = tmp_path / "other.pt"
+    torch.jit.script(Pool()).save(str(path))
+    with pytest.raises(ConfigError, match=r"not the standard FID Inception file .* set features.trust_file=true"):
+        InceptionFeatures(path)
+    features = InceptionFeatures(path, trust_file=True)
+    assert features(torch.zeros(2, 3, 8, 8)).shape == (2, 3)  # the trusted file's own program ran

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import signal
@@ -233,3 +234,38 @@ def test_hydra_callback_locks_before_the_run_dir_exists_and_refuses_with_exit(tm
         assert isinstance(refused.value.__cause__, ConfigError) and not run_dir.exists()
     finally:
         _stop(holder)
+
+
+@pytest.mark.slow
+def test_two_train_py_on_one_run_id_the_second_is_refused_and_the_first_is_whole(tmp_path: Path) -> None:
+    """The issue's case: two `python train.py run_id=X` with different lr. The second exits non-zero naming the
+    first's pid; the run dir then holds one run: its lr in the checkpoint, one metrics row per logged step."""
+    from tests.conftest import ROOT, TINY_TRAIN
+
+    args = [*TINY_TRAIN, "trainer.max_steps=40", "run_id=X", "hydra.job.chdir=false"]
+    env = {k: v for k, v in os.environ.items() if k != LOCK_ENV}
+    first = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args, "optimizer.lr=1e-3"], cwd=tmp_path,
+                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lock = tmp_path / "outputs" / "train" / ".X.lock"
+    deadline = time.time() + 60
+    while not lock.exists() and first.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    second = subprocess.run([sys.executable, str(ROOT / "train.py"), *args, "optimizer.lr=5e-4"], cwd=tmp_path,
+                            env=env, capture_output=True, text=True)
+    out, _ = first.communicate(timeout=300)
+    assert first.returncode == 0, out
+    assert second.returncode != 0 and f"held by pid {first.pid}" in second.stderr + second.stdout
+    run = tmp_path / "outputs" / "train" / "X"
+    ckpt = torch_load(run / "checkpoints" / "last.ckpt")
+    assert ckpt["hyper_parameters"]["run_config"]["optimizer"]["lr"] == 1e-3
+    assert "optimizer.lr=1e-3" in (run / ".hydra" / "overrides.yaml").read_text()
+    with open(run / "logs" / "metrics.csv") as f:
+        steps = [row["step"] for row in csv.DictReader(f) if row["train/loss"]]
+    assert len(steps) == len(set(steps)) == 40  # one training loss per step: nothing logged twice
+    assert not lock.exists()  # released at the end
+
+
+def torch_load(path: Path) -> dict:
+    import torch
+
+    return torch.load(path, map_location="cpu", weights_only=True)

@@ -180,12 +180,22 @@ class InceptionFeatures(FeatureExtractor):
     PREPROCESSING = "pytorch-fid: uint8 quantize, gray->rgb, bilinear 299 align_corners=False no antialias, 2x-1"
     num_features = 2048
 
-    def __init__(self, path: str | os.PathLike | None = None) -> None:
+    def __init__(self, path: str | os.PathLike | None = None, trust_file: bool = False) -> None:
         super().__init__()
-        self.requested_path = path
+        self.requested_path, self.trust_file = path, trust_file
         self.path = find_inception_weights(path)
         self.sha1 = _sha1(self.path)
         if self.sha1 != INCEPTION_SHA1:
+            # A TorchScript archive is a program, not a state dict: torch.jit.load compiles the code it holds and
+            # calling the network runs it (TorchScript cannot import Python modules, but its ops can read and
+            # write files). So only the known file loads unless the user vouches for theirs.
+            if not trust_file:
+                raise ConfigError(
+                    f"features.path={self.path} is not the standard FID Inception file (sha1 {self.sha1}, expected "
+                    f"{INCEPTION_SHA1}): a TorchScript file runs the program it holds, so difflab loads only the "
+                    "known one; set features.trust_file=true to load a file you trust (its FID values are then not "
+                    "comparable with published ones)"
+                )
             log.warning(
                 "%s is not the standard FID Inception file (sha1 %s, expected %s): its FID values are not comparable "
                 "with published ones", self.path, self.sha1, INCEPTION_SHA1,
@@ -198,7 +208,7 @@ class InceptionFeatures(FeatureExtractor):
 
     def __reduce__(self) -> tuple[Any, ...]:
         # A TorchScript module does not pickle; spawned DDP ranks load the file again.
-        return type(self), (self.requested_path,)
+        return type(self), (self.requested_path, self.trust_file)
 
     def check_images(self, shape: tuple[int, ...]) -> None:
         """Gray or RGB images of any size (resized to 299 x 299)."""

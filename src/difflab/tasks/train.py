@@ -24,6 +24,7 @@ from difflab.distributed import RankConsistency, forward_signals_to_children, la
 from difflab.errors import ConfigError
 from difflab.latent import cached_latents
 from difflab.module import DiffusionModule
+from difflab.run_lock import RunDirLock
 from difflab.tasks.common import show
 from difflab.tasks.report import build_logger, report_training
 from difflab.tasks.resume import resume_from
@@ -76,26 +77,30 @@ def train_vae(cfg: DictConfig) -> dict[str, float]:
 
 def fit(cfg: DictConfig, module: L.LightningModule, datamodule: L.LightningDataModule) -> dict[str, float]:
     """Fit ``module`` on ``datamodule`` with the trainer, callbacks and loggers of ``cfg``, from where
-    :func:`~difflab.tasks.resume.resume_from` says; reports the run (rank 0) and returns the callback metrics."""
-    ckpt_path = resume_from(cfg)
-    callbacks = [instantiate_node(c, f"callbacks.{name}") for name, c in (cfg.get("callbacks") or {}).items() if c]
-    loggers = [build_logger(c, Path(cfg.output_dir)) for c in (cfg.get("logger") or {}).values() if c]
-    launch = launch_settings(cfg.trainer.get("strategy"))
-    launch["plugins"] = [AtomicCheckpointIO(), *launch.get("plugins", [])]
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **launch)
-    if hasattr(datamodule, "split_batch"):
-        per_device = datamodule.split_batch(trainer.world_size, trainer.accumulate_grad_batches)
-        if trainer.world_size > 1 or trainer.accumulate_grad_batches > 1:
-            log.info("global batch %d = %d process%s x %d accumulated x %d per step", datamodule.batch_size,
-                     trainer.world_size, "es" if trainer.world_size > 1 else "", trainer.accumulate_grad_batches,
-                     per_device)
-    if trainer.world_size > 1 and isinstance(module, DiffusionModule):
-        trainer.callbacks.append(RankConsistency(cfg.output_dir))
-    preemption = next((c for c in callbacks if isinstance(c, Preemption)), None)
-    forward = preemption.signals if preemption and launch.get("strategy") == "ddp_spawn" else []
-    with forward_signals_to_children(forward):
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-    if trainer.is_global_zero:
-        report_training(Path(cfg.output_dir), metrics, cfg)
-    return metrics
+    :func:`~difflab.tasks.resume.resume_from` says; reports the run (rank 0) and returns the callback metrics.
+
+    The run dir is locked for the whole fit (:mod:`difflab.run_lock`): a second command on it is refused.
+    """
+    with RunDirLock(cfg.output_dir):  # one process (and its ranks) per run dir, before any checkpoint is read
+        ckpt_path = resume_from(cfg)
+        callbacks = [instantiate_node(c, f"callbacks.{name}") for name, c in (cfg.get("callbacks") or {}).items() if c]
+        loggers = [build_logger(c, Path(cfg.output_dir)) for c in (cfg.get("logger") or {}).values() if c]
+        launch = launch_settings(cfg.trainer.get("strategy"))
+        launch["plugins"] = [AtomicCheckpointIO(), *launch.get("plugins", [])]
+        trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **launch)
+        if hasattr(datamodule, "split_batch"):
+            per_device = datamodule.split_batch(trainer.world_size, trainer.accumulate_grad_batches)
+            if trainer.world_size > 1 or trainer.accumulate_grad_batches > 1:
+                log.info("global batch %d = %d process%s x %d accumulated x %d per step", datamodule.batch_size,
+                         trainer.world_size, "es" if trainer.world_size > 1 else "", trainer.accumulate_grad_batches,
+                         per_device)
+        if trainer.world_size > 1 and isinstance(module, DiffusionModule):
+            trainer.callbacks.append(RankConsistency(cfg.output_dir))
+        preemption = next((c for c in callbacks if isinstance(c, Preemption)), None)
+        forward = preemption.signals if preemption and launch.get("strategy") == "ddp_spawn" else []
+        with forward_signals_to_children(forward):
+            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+        if trainer.is_global_zero:
+            report_training(Path(cfg.output_dir), metrics, cfg)
+        return metrics
