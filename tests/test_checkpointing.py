@@ -83,3 +83,23 @@ def test_pruning_keeps_the_newest_k_periodic_checkpoints_and_the_best(tmp_path):
     best = torch.load(ckpts / "best.ckpt", weights_only=True)
     assert best["global_step"] == min(val, key=val.get)
     assert torch.load(ckpts / "last.ckpt", weights_only=True)["global_step"] == 8
+
+
+def test_a_finished_run_missing_its_best_checkpoint_gets_it_back_on_the_rerun(tmp_path, capsys):
+    """A kill while the final best.ckpt was written: the same command restores it from the kept checkpoint with the
+    lowest logged val/loss_ema (which one that is depends on float rounding; the test reads the log)."""
+    command = [*TINY_TRAIN, "callbacks.model_checkpoint.save_top_k=-1", f"output_dir={tmp_path}"]
+    train(compose("train", command))
+    ckpts = tmp_path / "checkpoints"
+    expected = torch.load(ckpts / "best.ckpt", weights_only=True)["global_step"]
+    (ckpts / "best.ckpt").unlink()
+    capsys.readouterr()
+    train(compose("train", command))
+    assert "it was missing from this finished run" in capsys.readouterr().out
+    with open(tmp_path / "logs" / "metrics.csv") as f:
+        val = {int(row["step"]) + 1: float(row["val/loss_ema"]) for row in csv.DictReader(f) if row["val/loss_ema"]}
+    restored = torch.load(ckpts / "best.ckpt", weights_only=True)
+    assert restored["global_step"] == min(val, key=val.get) == expected
+    assert torch.equal(restored["state_dict"]["ema.module.unet.conv_in.weight"],
+                       torch.load(ckpts / f"step_{expected:06d}.ckpt", weights_only=True)["state_dict"][
+                           "ema.module.unet.conv_in.weight"])

@@ -3,15 +3,20 @@ each checkpoint read without running code and checked against this command's set
 
 from __future__ import annotations
 
+import csv
+import logging
+import shutil
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
 from difflab.build import read_checkpoint
-from difflab.checkpointing import newest_readable
+from difflab.checkpointing import atomic_write, newest_readable
 from difflab.errors import ConfigError
 from difflab.tasks.common import show
+
+log = logging.getLogger(__name__)
 
 
 SPEED_KNOBS = ("model.compile", "model.channels_last")
@@ -40,7 +45,7 @@ def resume_from(cfg: DictConfig) -> str | None:
         raise ConfigError(
             f"{last.parent} already holds checkpoints and resume=never: pick another run_id, or resume=auto to continue it"
         )
-    last, saved = newest_readable_checkpoint(last, cfg.task_name)
+    last, ckpt, saved = newest_readable_checkpoint(last, cfg.task_name)
     keys = ("model", "schedule", "objective", "loss", "optimizer", "lr_scheduler", "noise", "latent", "dataset",
             "conditioning", "classifier", "autoencoder", "seed")
     changed, diff = changed_settings(saved, cfg, keys)
@@ -50,15 +55,53 @@ def resume_from(cfg: DictConfig) -> str | None:
             f"pick another run_id for a new experiment (nothing was changed in {last.parent.parent})"
         )
     print(f"resuming:    {show(last)}", flush=True)
+    max_steps = int(cfg.trainer.get("max_steps") or -1)
+    if 0 < max_steps <= int(ckpt.get("global_step", 0)):
+        restore_missing_best(cfg, last, int(ckpt["global_step"]))
     return str(last)
 
 
-def newest_readable_checkpoint(last: Path, task_name: str) -> tuple[Path, DictConfig]:
-    """``last`` and its run config, or if it cannot be read, the newest periodic checkpoint beside it that can."""
-    path, (_, saved), err = newest_readable(last, lambda p: read_checkpoint(p, task_name))
+def newest_readable_checkpoint(last: Path, task_name: str) -> tuple[Path, dict[str, Any], DictConfig]:
+    """``last``, its contents and run config, or if it cannot be read, the newest periodic checkpoint beside it
+    that can."""
+    path, (ckpt, saved), err = newest_readable(last, lambda p: read_checkpoint(p, task_name))
     if err is not None:
         print(f"unreadable:  {show(last)} ({err}); falling back to {path.name}", flush=True)
-    return path, saved
+    return path, ckpt, saved
+
+
+def _logged(metrics_csv: Path, monitor: str) -> dict[int, float]:
+    """{step: value} of ``monitor`` in a run's metrics.csv (a validation after step s is logged at row s - 1)."""
+    if not metrics_csv.is_file():
+        return {}
+    with open(metrics_csv) as f:
+        return {int(row["step"]) + 1: float(row[monitor]) for row in csv.DictReader(f) if row.get(monitor)}
+
+
+def restore_missing_best(cfg: DictConfig, last: Path, last_step: int) -> Path | None:
+    """A finished run whose ``best`` checkpoint is missing (the process was killed while writing it) gets it back:
+    the kept checkpoint with the best logged value of the ``best`` callback's monitor is copied to it. Without
+    this, the rerun of a finished run trains no step, validates nothing and never writes it. ``last`` (the state
+    at step ``last_step``) is a candidate too. Returns the restored file, or None."""
+    best = (cfg.get("callbacks") or {}).get("best")
+    if not best or not best.get("monitor"):
+        return None
+    target = Path(best.dirpath) / f"{best.filename}.ckpt"
+    if target.is_file():
+        return None
+    logged = _logged(Path(cfg.output_dir) / "logs" / "metrics.csv", best.monitor)
+    kept = {int(p.stem.removeprefix("step_")): p for p in target.parent.glob("step_*.ckpt") if p.stem[5:].isdigit()}
+    kept.setdefault(last_step, last)
+    candidates = {step: logged[step] for step in kept if step in logged}
+    if not candidates:
+        log.warning("%s is missing and no kept checkpoint has a logged %s: it cannot be restored", target, best.monitor)
+        return None
+    pick = (min if best.get("mode", "min") == "min" else max)(candidates, key=candidates.get)
+    with open(kept[pick], "rb") as source:
+        atomic_write(target, lambda f: shutil.copyfileobj(source, f, 1 << 22))
+    print(f"restored:    {show(target)} from {kept[pick].name} ({best.monitor} {candidates[pick]:.6g}, the best logged "
+          f"of the {len(candidates)} checkpoints kept; it was missing from this finished run)", flush=True)
+    return target
 
 
 STATE_SHAPING = ("model.net", "schedule", "objective", "loss.learn_variance", "noise", "latent", "dataset.resolution",
