@@ -100,3 +100,28 @@ def test_the_repository_refers_to_no_path_outside_it():
         and OUTSIDE in (ROOT / name).read_text(errors="ignore")
     ]
     assert offenders == []
+
+
+def test_a_checkpoint_in_the_old_config_shape_still_loads_and_samples_the_same(trained_run, tmp_path):
+    """Before the loss / conditioning / optimizer / lr_scheduler groups: loss as plain keys (or none),
+    conditioning.enabled, AdamW's settings and the warm-up in model. Such a checkpoint loads as the same model."""
+    import torch
+
+    from difflab.build import load_checkpoint, read_checkpoint
+    from difflab.samplers import DDIM
+
+    ckpt = torch.load(trained_run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    old = ckpt["hyper_parameters"]["run_config"]
+    old["model"] |= {"lr": old["optimizer"]["lr"], "weight_decay": 0.0, "adam_betas": [0.9, 0.999],
+                     "warmup_steps": old["lr_scheduler"]["warmup_steps"]}
+    for key in ("optimizer", "lr_scheduler", "loss"):
+        del old[key]
+    old["conditioning"] = {"enabled": False, "num_classes": None, "p_uncond": 0.0, "class_names": []}
+    torch.save(ckpt, tmp_path / "old.ckpt")
+    _, upgraded = read_checkpoint(tmp_path / "old.ckpt", "train")
+    assert upgraded.optimizer.lr == upgraded.model.get("lr", upgraded.optimizer.lr) and "lr" not in upgraded.model
+    assert upgraded.conditioning._target_ == "difflab.guidance.Unconditional"
+    assert upgraded.loss._target_ == "difflab.objectives.DiffusionLoss"
+    new_model, old_model = load_checkpoint(trained_run), load_checkpoint(tmp_path / "old.ckpt")
+    images = [m.generate(DDIM(num_steps=3), 2, seed=1) for m in (new_model, old_model)]
+    assert torch.equal(images[0], images[1])
