@@ -58,7 +58,7 @@ def build_module(cfg: DictConfig) -> DiffusionModule:
         if OmegaConf.is_missing(cfg.latent, "path"):
             raise ConfigError(
                 "latent=vae needs latent.path=DIR, a diffusers AutoencoderKL directory: outputs/vae/latest/vae from "
-                "train_vae.py, or a local copy of a public VAE (README: Latent diffusion)"
+                "train_vae.py, or a local copy of a public VAE (docs/latent.md)"
             )
         latent = instantiate_node(cfg.latent, "latent", image_shape=image_shape)
     channels, size, _ = image_shape if latent is None else latent.shape
