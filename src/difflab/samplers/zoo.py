@@ -10,7 +10,12 @@ and the same denoiser wrappers (guidance, shaped noise) as difflab's DDPM and DD
 Sigma-space schedulers (Euler, Heun, KDPM2, LMS) keep x = x0 + sigma eps and feed the network
 x / sqrt(sigma^2 + 1); its abar_t is then 1 / (1 + sigma^2) of the sigma the scheduler scaled by,
 possibly between training timesteps (Karras sigmas, linspace spacing). With zero terminal SNR the
-last abar is raised from 0 to 2^-24, as diffusers itself does (``rescale_betas_zero_snr``).
+last abar is raised from 0 to 2^-24, as diffusers itself does (``rescale_betas_zero_snr``); for the
+sigma-space schedulers (:data:`SIGMA_SPACE`) every abar below 2^-24 is, e.g. the cosine schedule's last
+(2.4e-9, where beta is clipped at 0.999). They compute in float32, where 1 - abar is exactly 1 below 2^-24,
+so such a step is pure noise either way; but its sigma, 2e4 instead of 4096, made KDPM2 ancestral's
+sigma_down = sqrt(sigma_next^2 - sigma_up^2) cancel to 0 and its first interpolated timestep NaN (diffusers
+0.42). A scheduler whose timesteps or sigmas still come out non-finite is refused with a ConfigError.
 """
 
 from __future__ import annotations
@@ -24,9 +29,10 @@ import diffusers
 import torch
 from torch import Tensor
 
-from difflab.seeding import PerSampleNoise
+from difflab.errors import ConfigError
 from difflab.objectives import Objective, Prediction
 from difflab.samplers.base import Sampler
+from difflab.seeding import PerSampleNoise
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +51,15 @@ SCHEDULERS: tuple[str, ...] = (
     "PNDMScheduler",
 )
 """The diffusers schedulers for discrete-time eps / x0 / v models that take ``trained_betas``."""
+SIGMA_SPACE: tuple[str, ...] = (
+    "EulerDiscreteScheduler",
+    "EulerAncestralDiscreteScheduler",
+    "HeunDiscreteScheduler",
+    "KDPM2DiscreteScheduler",
+    "KDPM2AncestralDiscreteScheduler",
+    "LMSDiscreteScheduler",
+)
+"""The schedulers that walk sigma = sqrt((1 - abar) / abar) in float32: handed abar of at least 2^-24."""
 
 PREDICTION_TYPES = {"eps": "epsilon", "x0": "sample", "v": "v_prediction"}
 WIDE_FIRST_STEP = {"HeunDiscreteScheduler": 100.0, "KDPM2AncestralDiscreteScheduler": 100.0, "PNDMScheduler": 100.0}
@@ -63,6 +78,7 @@ OBJECTIVES_TAKEN: dict[str, tuple[str, ...]] = {
 (x0); PNDM takes ``v_prediction`` but mixes v's of different timesteps in its linear multistep, which
 measured 13x the covariance error of handing it eps (analytic Gaussian, 20 steps). Others take all three."""
 ZERO_SNR_ABAR = 2.0**-24
+"""The least abar handed to diffusers (to :data:`SIGMA_SPACE` for every t): float32's 1 - abar is 1 below it."""
 
 
 def _init_parameters(cls: type) -> set[str]:
@@ -119,9 +135,10 @@ class DiffusersSampler(Sampler):
     def build(self, alphas_cumprod: Tensor, objective: Objective = "eps") -> Any:
         """The scheduler for a model trained on ``alphas_cumprod`` predicting ``objective``, timesteps set."""
         accepted = _init_parameters(self.cls)
+        abar = alphas_cumprod.double().clamp(min=ZERO_SNR_ABAR if self.scheduler in SIGMA_SPACE else 0.0)
         kwargs: dict[str, Any] = {
             "num_train_timesteps": alphas_cumprod.numel(),
-            "trained_betas": diffusers_betas(alphas_cumprod).cpu().numpy(),
+            "trained_betas": diffusers_betas(abar).cpu().numpy(),
             "prediction_type": PREDICTION_TYPES[self.prediction_objective(objective)],
             **{k: False for k in ("clip_sample", "thresholding") if k in accepted},
             **({"timestep_spacing": self.spacing} if self.spacing is not None else {}),
@@ -130,6 +147,7 @@ class DiffusersSampler(Sampler):
         }
         scheduler = self.cls(**kwargs)
         scheduler.set_timesteps(self.num_steps, device=alphas_cumprod.device)
+        self._check_finite(scheduler, alphas_cumprod)
         t0, t1 = (int(t) for t in scheduler.timesteps.unique_consecutive()[:2].round())
         sigma0, sigma1 = (float(((1 - alphas_cumprod[t]) / alphas_cumprod[t]).sqrt()) for t in (t0, t1))
         if sigma0 / sigma1 > WIDE_FIRST_STEP.get(self.scheduler, float("inf")):
@@ -140,8 +158,24 @@ class DiffusersSampler(Sampler):
             )
         return scheduler
 
+    def _check_finite(self, scheduler: Any, alphas_cumprod: Tensor) -> None:
+        """Refuse a built ``scheduler`` whose ``timesteps`` or ``sigmas`` hold NaN or inf (ConfigError)."""
+        bad = [
+            name for name in ("timesteps", "sigmas")
+            if getattr(scheduler, name, None) is not None and not torch.isfinite(getattr(scheduler, name)).all()
+        ]
+        if bad:
+            abar = alphas_cumprod.double()
+            raise ConfigError(
+                f"sampler {self.scheduler} (spacing={self.spacing}, karras={self.karras}) gives non-finite "
+                f"{' and '.join(bad)} at num_steps={self.num_steps} on this schedule (T={abar.numel()}, "
+                f"abar from {float(abar[0]):.3g} to {float(abar[-1]):.3g}); allowed: a step count, spacing or "
+                "sampler whose timesteps are finite: try more steps, sampler.spacing=leading, or another sampler "
+                "(dpmpp_2m, unipc, ddim)"
+            )
+
     def prediction_objective(self, objective: Objective) -> Objective:
-        """The objective handed to the scheduler: the run's, or eps where the scheduler cannot take it (:data:`OBJECTIVES_TAKEN`).
+        """The objective handed to the scheduler: the run's, or eps where it cannot take it (:data:`OBJECTIVES_TAKEN`).
 
         The conversion is exact (:class:`~difflab.objectives.Prediction`), so this changes no result.
         """
