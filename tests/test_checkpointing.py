@@ -103,3 +103,18 @@ def test_a_finished_run_missing_its_best_checkpoint_gets_it_back_on_the_rerun(tm
     assert torch.equal(restored["state_dict"]["ema.module.unet.conv_in.weight"],
                        torch.load(ckpts / f"step_{expected:06d}.ckpt", weights_only=True)["state_dict"][
                            "ema.module.unet.conv_in.weight"])
+
+
+def test_a_partial_checkpoint_left_by_a_killed_process_is_removed_when_the_run_starts_again(trained_run, tmp_path,
+                                                                                          capsys):
+    import subprocess
+    import sys
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained_run, run_dir)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    orphan = run_dir / "checkpoints" / f".last.ckpt.tmp-{int(dead.stdout)}"
+    orphan.write_bytes(b"half a checkpoint")
+    train(compose("train", [*TINY_TRAIN, f"output_dir={run_dir}"]))  # a finished run: no step, only the clean-up
+    assert not orphan.exists()
+    assert f"removed:     {orphan}" in capsys.readouterr().out

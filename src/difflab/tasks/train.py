@@ -19,7 +19,7 @@ from difflab.build import (
     with_classes,
 )
 from difflab.callbacks.preemption import Preemption
-from difflab.checkpointing import AtomicCheckpointIO
+from difflab.checkpointing import AtomicCheckpointIO, remove_orphan_temporaries
 from difflab.distributed import RankConsistency, forward_signals_to_children, launch_settings
 from difflab.errors import ConfigError
 from difflab.latent import cached_latents
@@ -82,6 +82,8 @@ def fit(cfg: DictConfig, module: L.LightningModule, datamodule: L.LightningDataM
     The run dir is locked for the whole fit (:mod:`difflab.run_lock`): a second command on it is refused.
     """
     with RunDirLock(cfg.output_dir):  # one process (and its ranks) per run dir, before any checkpoint is read
+        for orphan in remove_orphan_temporaries(Path(cfg.output_dir) / "checkpoints"):
+            print(f"removed:     {show(orphan)} (a partial checkpoint of a killed process)", flush=True)
         ckpt_path = resume_from(cfg)
         callbacks = [instantiate_node(c, f"callbacks.{name}") for name, c in (cfg.get("callbacks") or {}).items() if c]
         loggers = [build_logger(c, Path(cfg.output_dir)) for c in (cfg.get("logger") or {}).values() if c]
