@@ -223,7 +223,7 @@ def test_wandb_under_ddp_logs_and_a_preempted_run_continues_it(tmp_path):
     assert grid["_type"] == "images/separated"
     image = run_dir / "wandb" / Path(last["file"]).parent.name / "files" / grid["filenames"][0]
     assert Image.open(image).size == (grid["width"], grid["height"])
-    assert last["config"]["run_config"]["model"]["lr"] == pytest.approx(1e-3)
+    assert last["config"]["run_config"]["optimizer"]["lr"] == pytest.approx(1e-3)
     assert _dirs(tmp_path) == ["outputs"]  # nothing in the working directory (no stray ./wandb)
 
 
