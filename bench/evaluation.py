@@ -27,10 +27,10 @@ from statistics import median
 import torch
 
 from bench.common import ROOT, Stamped, compose
+from difflab.build import load_checkpoint
 from difflab.data import DigitsDataModule
 from difflab.likelihood import bits_per_dim, strata
 from difflab.summarize import summarize
-from difflab.build import load_checkpoint
 from difflab.tasks import evaluate
 
 OUT = ROOT / "outputs" / "bench" / "evaluation"

@@ -20,10 +20,10 @@ import torch.nn.functional as F
 from sklearn.linear_model import LogisticRegression
 
 from bench.common import frechet_distance
+from difflab.build import load_checkpoint, load_classifier
 from difflab.data import DigitsDataModule
 from difflab.guidance import balanced_labels
 from difflab.samplers import DDPM
-from difflab.build import load_checkpoint, load_classifier
 
 
 def pixels8(images: torch.Tensor) -> torch.Tensor:

@@ -17,8 +17,8 @@ import math
 import torch
 from omegaconf import OmegaConf
 
-from difflab.seeding import derived_generator
 from difflab.build import instantiate_node, load_checkpoint
+from difflab.seeding import derived_generator
 
 THRESHOLDS = (3.0, 4.0, 5.0, 6.0, 8.0)
 

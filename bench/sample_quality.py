@@ -18,9 +18,9 @@ import time
 import torch
 
 from bench.common import frechet_distance, sampler_config
+from difflab.build import load_checkpoint
 from difflab.data import DigitsDataModule
 from difflab.images import save_grid, to_uint8
-from difflab.build import load_checkpoint
 
 
 def main() -> None:

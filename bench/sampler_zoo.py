@@ -26,10 +26,10 @@ import numpy as np
 import torch
 
 from bench.common import ROOT, frechet_distance, real_digits, sampler_config
+from difflab.build import load_checkpoint
 from difflab.data import DigitsDataModule
 from difflab.images import to_uint8
 from difflab.metrics import ClassifierFeatures, extract_features, fid_kid
-from difflab.build import load_checkpoint
 
 
 def steps_for(name: str, nfe: int) -> int:

@@ -19,9 +19,9 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 
 from bench.common import Stamped, compose
-from difflab.seeding import PerSampleNoise
-from difflab.samplers import DDIM, DDPM
 from difflab.build import build_module
+from difflab.samplers import DDIM, DDPM
+from difflab.seeding import PerSampleNoise
 
 
 @torch.no_grad()

@@ -33,8 +33,8 @@ from torchmetrics.image import PeakSignalNoiseRatio
 
 from bench.common import compose
 from bench.train_throughput import WARMUP, StepTimer, median_step
-from difflab.data import DigitsDataModule
 from difflab.build import build_autoencoder
+from difflab.data import DigitsDataModule
 from difflab.tasks import train_vae
 from difflab.vae import encode_latents, estimate_scaling_factor, latent_shape, load_vae
 

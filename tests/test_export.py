@@ -9,8 +9,8 @@ import pytest
 import torch
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 
-from difflab.export import export_diffusers
 from difflab.build import build_module, load_checkpoint
+from difflab.export import export_diffusers
 from tests.conftest import compose, run_script
 
 

@@ -10,11 +10,11 @@ import pytest
 import torch
 from diffusers import AutoencoderKL, UNet2DModel
 
+from difflab.build import load_checkpoint
 from difflab.data import DigitsDataModule
 from difflab.errors import ConfigError
 from difflab.latent import LatentSpace, cached_latents
 from difflab.samplers import DDIM
-from difflab.build import load_checkpoint
 from difflab.tasks import sample, train
 from difflab.vae import save_vae
 from tests.conftest import TINY_TRAIN, compose, run_script

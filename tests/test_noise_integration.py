@@ -10,13 +10,13 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
+from difflab.build import build_module, load_checkpoint
 from difflab.denoiser import PredictionDenoiser
 from difflab.errors import ConfigError
 from difflab.noise import CovarianceNoise, ShapedNoise, load_noise
-from difflab.seeding import PerSampleNoise
 from difflab.objectives import Prediction
 from difflab.samplers import DDIM, DDPM, step_pairs, timestep_grid
-from difflab.build import build_module, load_checkpoint
+from difflab.seeding import PerSampleNoise
 from difflab.tasks import train
 from tests.conftest import TINY_TRAIN, compose, run_script
 from tests.test_noise import (

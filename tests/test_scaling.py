@@ -17,11 +17,11 @@ import torch
 from lightning.fabric.plugins.environments import LightningEnvironment, SLURMEnvironment
 from PIL import Image
 
+from difflab.build import load_checkpoint
 from difflab.distributed import device_batch_size, launch_settings, tensor_digest
 from difflab.errors import ConfigError
 from difflab.images import save_grid, to_uint8
 from difflab.samplers import DDPM
-from difflab.build import load_checkpoint
 from tests.conftest import ROOT, TINY_TRAIN, compose, run_script
 
 DDP = [*TINY_TRAIN, "trainer=ddp_cpu"]

@@ -5,8 +5,8 @@ imports and calls whatever a ``_target_`` names: ``shutil.copyfile``, ``os.syste
 pickle. Before anything of such a config is built, :func:`check_stored_config` walks all of it and refuses
 (naming the key and the target) any ``_target_`` outside :data:`BUILDABLE` and any interpolation (``${...}``
 can decode new nodes at resolution time). The groups a stored config only records (trainer, callbacks,
-loggers, the sampler of the training grids: a checkpoint never builds them) are checked for interpolations
-only and then dropped, so no later code can build them.
+loggers, the training grids' sampler, the in-training evaluation's features: a checkpoint never builds
+them) are checked for interpolations only and then dropped, so no later code can build them.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ BUILDABLE = frozenset({
 })
 """Every callable a stored run config may name: the ``_target_`` of each option of difflab's own config groups
 that a checkpoint rebuilds (tests check this against conf/)."""
-RECORDED_ONLY = ("trainer", "callbacks", "logger", "sampler", "hydra")
+RECORDED_ONLY = ("trainer", "callbacks", "logger", "sampler", "features", "hydra")
 """Top-level keys a stored run config records but nothing ever builds from it: dropped on reading."""
 
 
