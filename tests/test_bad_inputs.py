@@ -201,7 +201,7 @@ CASES = [
          "DIFFLAB_CACHE=DIR", env={"DIFFLAB_CACHE": "{file}/cache"}),
     case("cache_dir under a file (evaluate)", "evaluate", "ckpt={run} cache_dir={file}/reference",
          "the cache dir {file}/reference cannot be written", "{file} is a file", "set cache_dir=DIR",
-         "DIFFLAB_CACHE=DIR"),
+         "DIFFLAB_CACHE=DIR", env={"DIFFLAB_CACHE": "{tmp}/cache"}),
 ]
 
 
