@@ -12,11 +12,13 @@ unchanged. ``docs/reliability.md`` lists every row with the exact error it gets:
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -30,18 +32,22 @@ from tests.conftest import ROOT, TINY_TRAIN, compose, run_script
 
 @dataclass(frozen=True)
 class Case:
-    """A bad input: ``command`` (train | sample | export in-process; train.py as a script) with ``args``, which fails
-    with ``error`` whose message holds every string of ``says``. ``{placeholders}`` in args and says: see ``_paths``."""
+    """A bad input: ``command`` (train | sample | evaluate | export in-process; train.py as a script) with ``args``
+    and environment variables ``env``, which fails with ``error`` whose message holds every string of ``says``.
+    ``{placeholders}`` in args, env and says: see ``_paths``."""
 
     name: str
     command: str
     args: tuple[str, ...]
     says: tuple[str, ...]
     error: type[BaseException] = ConfigError
+    env: tuple[tuple[str, str], ...] = ()
 
 
-def case(name: str, command: str, args: str, *says: str, error: type[BaseException] = ConfigError) -> Any:
-    return pytest.param(Case(name, command, tuple(args.split()), says, error), id=name)
+def case(name: str, command: str, args: str, *says: str, error: type[BaseException] = ConfigError,
+         env: dict[str, str] | None = None, marks: Any = ()) -> Any:
+    return pytest.param(Case(name, command, tuple(args.split()), says, error, tuple((env or {}).items())), id=name,
+                        marks=marks)
 
 
 CASES = [
@@ -141,6 +147,61 @@ CASES = [
          "dataset.resolution must be a positive integer", "got 0"),
     case("resolution not an integer", "train", "dataset.resolution=8.5",
          "dataset.resolution must be a positive integer", "got 8.5"),
+    case("guidance_scale not finite (nan)", "sample", "ckpt={run} guidance_scale=nan",
+         "guidance_scale=nan", "must be a finite number"),
+    case("guidance_scale not finite (inf)", "sample", "ckpt={run} guidance_scale=inf",
+         "guidance_scale=inf", "must be a finite number"),
+    case("classifier_scale not finite", "sample", "ckpt={run} classifier_scale=nan",
+         "classifier_scale=nan", "must be a finite number"),
+    case("guidance_rescale not finite", "sample", "ckpt={run} guidance_rescale=inf",
+         "guidance_rescale=inf", "must be a finite number"),
+    case("guidance_rescale outside [0, 1]", "sample", "ckpt={run} guidance_rescale=2",
+         "guidance_rescale=2", "must lie in [0, 1]"),
+    case("DDIM eta not finite", "sample", "ckpt={run} sampler=ddim sampler.eta=nan",
+         "sampler.eta must lie in [0, 1], got eta=nan"),
+    case("DDIM eta above 1", "sample", "ckpt={run} sampler=ddim sampler.eta=1.5",
+         "sampler.eta must lie in [0, 1], got eta=1.5"),
+    case("max_steps = 0", "train", "trainer.max_steps=0",
+         "trainer.max_steps=0 is not allowed", "a positive number of optimizer steps", "or -1 (no step limit)"),
+    case("max_steps = -1 without max_epochs", "train", "trainer.max_steps=-1",
+         "trainer.max_steps=-1 with trainer.max_epochs=-1 sets no end to training", "a positive trainer.max_epochs"),
+    case("max_epochs = 0", "train", "trainer.max_epochs=0",
+         "trainer.max_epochs=0 is not allowed", "a positive integer, or -1 or null"),
+    case("run_id with a path (script)", "train.py", "run_id=../../escaped",
+         "run_id='../../escaped' is not a plain name", "a non-empty name without '/'", error=SystemExit),
+    case("run_id with a path", "train", "run_id=a/b", "run_id='a/b' is not a plain name", "without '/'"),
+    case("run_id empty", "train", "run_id=", "run_id='' is not a plain name", "a non-empty name"),
+    case("run_id is ..", "train", "run_id=..", "run_id='..' is not a plain name", "other than '.' and '..'"),
+    case("lr not a number", "train", "optimizer.lr=abc",
+         "optimizer.lr=abc is not allowed", "a finite number > 0"),
+    case("lr negative", "train", "optimizer.lr=-1", "optimizer.lr=-1 is not allowed", "a finite number > 0"),
+    case("lr not finite", "train", "optimizer.lr=nan", "optimizer.lr=nan is not allowed", "a finite number > 0"),
+    case("weight_decay negative", "train", "optimizer.weight_decay=-0.1",
+         "optimizer.weight_decay=-0.1 is not allowed", "a finite number >= 0"),
+    case("seed negative (train)", "train", "seed=-1", "seed=-1 is not allowed", "an integer in [0, 4294967295]"),
+    case("seed negative (sample)", "sample", "ckpt={run} seed=-1", "seed=-1 is not allowed", "an integer >= 0"),
+    case("labels empty", "sample", "ckpt={run} labels=[]",
+         "labels=[] names no class", "labels=all", "a non-empty list of class ids / names"),
+    case("device=cuda without a GPU", "sample", "ckpt={run} device=cuda",
+         "device=cuda, but no CUDA device is available", "allowed are auto, cpu",
+         marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device")),
+    case("device not a device", "sample", "ckpt={run} device=gpu",
+         "device=gpu is not a device", "allowed are auto, cpu, cuda, cuda:N"),
+    case("val_check_interval = 0", "train", "trainer.val_check_interval=0",
+         "trainer.val_check_interval=0 is not allowed", "a positive integer number of steps", "a fraction"),
+    case("val_check_interval negative", "train", "trainer.val_check_interval=-5",
+         "trainer.val_check_interval=-5 is not allowed", "a positive integer number of steps"),
+    case("val_check_interval a fraction without check_val_every_n_epoch", "train", "trainer.val_check_interval=0.5",
+         "trainer.val_check_interval=0.5 is not allowed", "with trainer.check_val_every_n_epoch set (now None)"),
+    case("out_dir under a file (sample)", "sample", "ckpt={run} out_dir={file}/sub",
+         "out_dir={file}/sub cannot be written", "{file} is a file, not a directory",
+         "give a directory you can write to"),
+    case("cache root under a file (latent cache)", "train", "latent=vae latent.cache=true",
+         "the cache dir {file}/cache/latents cannot be written", "{file} is a file", "latent.cache_dir=DIR",
+         "DIFFLAB_CACHE=DIR", env={"DIFFLAB_CACHE": "{file}/cache"}),
+    case("cache_dir under a file (evaluate)", "evaluate", "ckpt={run} cache_dir={file}/reference",
+         "the cache dir {file}/reference cannot be written", "{file} is a file", "set cache_dir=DIR",
+         "DIFFLAB_CACHE=DIR", env={"DIFFLAB_CACHE": "{tmp}/cache"}),
 ]
 
 
@@ -209,20 +270,23 @@ def _fill(text: str, paths: dict[str, Path]) -> str:
 
 def _run(c: Case, paths: dict[str, Path], out: Path) -> tuple[str, str]:
     """Run the row's command; returns the name of the error it failed with and its message (fails if it did not)."""
-    from difflab.tasks import export, sample, train
+    from difflab.tasks import evaluate, export, sample, train
 
     args = [_fill(a, paths) for a in c.args]
-    if c.command == "train.py":
-        proc = run_script("train.py", *TINY_TRAIN, f"hydra.run.dir={out}", *args, check=False)
-        assert proc.returncode != 0, proc.stdout
-        return f"exit code {proc.returncode}", proc.stderr
-    with pytest.raises(c.error) as raised:
-        if c.command == "train":
-            train(compose("train", [*TINY_TRAIN, f"output_dir={out}", *args]))
-        elif c.command == "sample":
-            sample(compose("sample", [f"output_dir={out}", "progress=false", "sampler.num_steps=2", *args]))
-        else:
-            export(compose("export", args))
+    with mock.patch.dict(os.environ, {k: _fill(v, paths) for k, v in c.env}):
+        if c.command == "train.py":
+            proc = run_script("train.py", *TINY_TRAIN, f"hydra.run.dir={out}", *args, check=False)
+            assert proc.returncode != 0, proc.stdout
+            return f"exit code {proc.returncode}", proc.stderr
+        with pytest.raises(c.error) as raised:
+            if c.command == "train":
+                train(compose("train", [*TINY_TRAIN, f"output_dir={out}", *args]))
+            elif c.command == "sample":
+                sample(compose("sample", [f"output_dir={out}", "progress=false", "sampler.num_steps=2", *args]))
+            elif c.command == "evaluate":
+                evaluate(compose("evaluate", [f"output_dir={out}", *args]))
+            else:
+                export(compose("export", args))
     return type(raised.value).__name__, str(raised.value)
 
 
@@ -249,6 +313,14 @@ def test_bad_input_is_refused_clearly_before_any_step(c: Case, trained_run, requ
         assert _fill(expected, paths) in message, f"{expected!r} not in:\n{message}"
     assert not out.exists() or not any(out.iterdir()), sorted(out.rglob("*"))  # nothing written: no step ran
     assert _digest(paths["run"]) == before  # the existing run dir is byte-for-byte unchanged
+
+
+def test_run_id_outside_the_outputs_dir_creates_nothing(tmp_path):
+    """train.py run_id=../../escaped, with the default run dir outputs/train/<run_id>: exit 2 before Hydra makes it."""
+    proc = run_script("train.py", *TINY_TRAIN, "run_id=../../escaped", cwd=tmp_path, check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert "run_id='../../escaped' is not a plain name" in proc.stderr
+    assert not (tmp_path / "escaped").exists() and not (tmp_path / "outputs").exists(), sorted(tmp_path.rglob("*"))
 
 
 def test_the_docs_list_every_bad_input():
@@ -284,7 +356,8 @@ def markdown_table(tmp: Path, trained_run: Path, conditional: Path) -> str:
         for name, path in sorted(paths.items(), key=lambda kv: -len(str(kv[1]))):
             message = message.replace(str(path), "{" + name + "}")
         script = c.command if c.command.endswith(".py") else f"{c.command}.py"
-        lines.append(f"| {c.name} | `{script} {' '.join(c.args)}` | {error}: {message.replace('|', chr(92) + '|')} |")
+        command = " ".join([*(f"{k}={v}" for k, v in c.env), script, *c.args])
+        lines.append(f"| {c.name} | `{command}` | {error}: {message.replace('|', chr(92) + '|')} |")
     return "\n".join(lines)
 
 

@@ -35,7 +35,9 @@ class DDIM(PairSampler):
     def __post_init__(self) -> None:
         super().__post_init__()
         if not 0.0 <= self.eta <= 1.0:
-            raise ValueError(f"DDIM eta must lie in [0, 1], got eta={self.eta}")
+            raise ValueError(
+                f"sampler.eta must lie in [0, 1], got eta={self.eta}: 0 is deterministic DDIM, 1 DDPM-like"
+            )
 
     @property
     def stochastic(self) -> bool:

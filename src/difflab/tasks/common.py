@@ -10,6 +10,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from difflab.errors import ConfigError
+from difflab.tasks.checks import unwritable
 
 
 def show(path: Path) -> str:
@@ -21,9 +22,24 @@ def show(path: Path) -> str:
 
 
 def pick_device(name: str) -> torch.device:
+    """``device=``: auto (cuda if available, else cpu), cpu, or cuda[:N] of a CUDA device this machine has."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"device={name} is not a device difflab runs on: allowed are auto, cpu, cuda, cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device={name}, but no CUDA device is available on this machine: allowed are auto, cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        count = torch.cuda.device_count()
+        raise ConfigError(
+            f"device={name}, but this machine has {count} CUDA device(s): allowed are auto, cpu, cuda, "
+            f"cuda:0 .. cuda:{count - 1}"
+        )
+    return device
 
 
 def check_counts(cfg: DictConfig, *keys: str) -> None:
@@ -35,10 +51,14 @@ def check_counts(cfg: DictConfig, *keys: str) -> None:
 
 
 def checked_out_dir(cfg: DictConfig, names: tuple[str, ...]) -> Path:
-    """``cfg.out_dir`` (default: the run dir); refused if it is a file, or holds one of ``names`` and not overwrite."""
+    """``cfg.out_dir`` (default: the run dir); refused if it is a file, cannot be created or written, or holds one
+    of ``names`` and not overwrite."""
     out_dir = Path(cfg.out_dir or cfg.output_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise ConfigError(f"out_dir={out_dir} is an existing file, not a directory: give a new or existing directory")
+    reason = unwritable(out_dir)
+    if reason:
+        raise ConfigError(f"out_dir={out_dir} cannot be written ({reason}): give a directory you can write to")
     for name in names:
         if (out_dir / name).exists() and not cfg.overwrite:
             raise ConfigError(f"{out_dir / name} already exists: pick another out_dir, or set overwrite=true")

@@ -14,9 +14,10 @@ from difflab.checkpointing import atomic_write
 from difflab.data.base import SPLITS
 from difflab.errors import ConfigError
 from difflab.likelihood import bits_per_dim, check_supported, nll_sampler, variance_name
-from difflab.metrics import dataset_description, reference_features, reference_images, sample_quality
+from difflab.metrics import ReferenceCache, dataset_description, reference_features, reference_images, sample_quality
 from difflab.module import DiffusionModule
 from difflab.summarize import RESULTS_FILE
+from difflab.tasks.checks import check_cache_dir, check_sampling_settings
 from difflab.tasks.common import check_counts, checked_out_dir, group_choice, pick_device, show
 from difflab.tasks.sample import sampling_plan
 
@@ -43,7 +44,9 @@ def metric_names(value: Any) -> list[str]:
 def check_evaluation(cfg: DictConfig, metrics: list[str]) -> None:
     """Refuse bad evaluate.py settings that need no checkpoint to judge."""
     check_counts(cfg, "num_samples", "batch_size")
+    check_sampling_settings(cfg)
     if {"fid", "kid"} & set(metrics):
+        check_cache_dir(ReferenceCache(cfg.cache_dir).dir, "cache_dir=DIR")
         if cfg.num_samples < 2:
             raise ConfigError(f"fid and kid need num_samples >= 2, got {cfg.num_samples}")
         check_counts(cfg, "kid_subsets", "kid_subset_size")

@@ -15,6 +15,7 @@ from difflab.guidance import balanced_labels
 from difflab.images import save_grid, to_uint8
 from difflab.module import DiffusionModule
 from difflab.samplers import Sampler
+from difflab.tasks.checks import check_sampling_settings
 from difflab.tasks.common import check_counts, checked_out_dir, pick_device, show
 
 
@@ -99,6 +100,7 @@ def sample_labels(cfg: DictConfig, num_classes: int | None, class_names: list[st
 def sample(cfg: DictConfig) -> dict[str, Any]:
     """Sample ``cfg.num_samples`` images from ``cfg.ckpt``; writes samples.npz (arr_0: uint8 NHWC, arr_1: labels) and grid.png."""
     check_counts(cfg, "num_samples", "batch_size")
+    check_sampling_settings(cfg)
     out_dir = checked_out_dir(cfg, ("samples.npz", "grid.png"))
     sampler = instantiate_node(cfg.sampler, "sampler")
     device = pick_device(cfg.device)

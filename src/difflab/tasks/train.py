@@ -25,6 +25,7 @@ from difflab.errors import ConfigError
 from difflab.latent import cached_latents
 from difflab.module import DiffusionModule
 from difflab.run_lock import RunDirLock
+from difflab.tasks.checks import check_training_settings
 from difflab.tasks.common import show
 from difflab.tasks.report import build_logger, report_training
 from difflab.tasks.resume import resume_from
@@ -35,6 +36,7 @@ log = logging.getLogger(__name__)
 
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit the model of ``cfg`` on its dataset; returns the final callback metrics (val/loss, ...)."""
+    check_training_settings(cfg)
     L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate_node(cfg.dataset, "dataset", seed=cfg.seed)  # seed: of the data order and augmentations
     datamodule.setup("fit")  # bad data fails here, before a trainer or any output exists
@@ -57,6 +59,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
 def train_classifier(cfg: DictConfig) -> dict[str, float]:
     """Fit a noise-aware classifier p(y | x_t, t) on the dataset and schedule of ``cfg`` (classifier guidance)."""
+    check_training_settings(cfg)
     L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate_node(cfg.dataset, "dataset", seed=cfg.seed)
     datamodule.setup("fit")
@@ -67,6 +70,7 @@ def train_classifier(cfg: DictConfig) -> dict[str, float]:
 
 def train_vae(cfg: DictConfig) -> dict[str, float]:
     """Stage 1 of latent diffusion: fit the AutoencoderKL of ``cfg.autoencoder``; it is saved to ``<run dir>/vae``."""
+    check_training_settings(cfg)
     L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate_node(cfg.dataset, "dataset")
     datamodule.setup("fit")
