@@ -48,7 +48,8 @@ def test_a_killed_sweep_finishes_like_an_uninterrupted_one(tmp_path):
     value = expected[0]["value"]
     assert f"skipped:     multirun/train/life/0 (done: val/loss_ema={value})" in rerun.stdout
     assert "resuming:    multirun/train/life/1/checkpoints/last.ckpt" in rerun.stdout
-    assert "resuming:    multirun/train/life/2" not in rerun.stdout and "run dir:     multirun/train/life/2" in rerun.stdout
+    assert "resuming:    multirun/train/life/2" not in rerun.stdout  # job 3 starts
+    assert "run dir:     multirun/train/life/2" in rerun.stdout
     assert (sweep / "0" / "checkpoints" / "last.ckpt").stat().st_mtime_ns == first_job  # job 0 did not train
     for job in range(3):
         done = _done(sweep, job)
