@@ -14,6 +14,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from difflab.tasks.common import show, sweep_name
+from difflab.tasks.sweep import dry_run, finished, mark_done, trains
 
 log = logging.getLogger(__name__)
 
@@ -21,11 +22,23 @@ log = logging.getLogger(__name__)
 def run_job(fit: Callable[[DictConfig], dict[str, float]], cfg: DictConfig) -> float | None:
     """An entry point's job: ``fit(cfg)``, returning ``cfg.optimized_metric`` to a sweeper (warns in a sweep if missing).
 
-    A failure is written to the job's log (``<run dir>/<task>.log``) before it propagates, so a
-    failed job of a sweep is recorded in its own dir while Hydra goes on with the others.
+    A fitting job whose run dir holds a matching completion marker (:mod:`~difflab.tasks.sweep`) is skipped and
+    returns the recorded metric; one that reaches ``trainer.max_steps`` writes the marker. ``dry_run=true``
+    checks the job instead of running it. A failure is written to the job's log (``<run dir>/<task>.log``)
+    before it propagates, so a failed job of a sweep is recorded in its own dir while Hydra goes on with the others.
     """
+    if cfg.get("dry_run"):
+        return dry_run(fit, cfg)
     try:
-        metrics = fit(cfg)
+        record = finished(cfg) if trains(cfg) else None
+        if record is not None:
+            metrics = record["metrics"]
+            print(f"skipped:     {show(Path(cfg.output_dir))} (done: {record['optimized_metric']}={record['value']})",
+                  flush=True)
+        else:
+            metrics = fit(cfg)
+            if trains(cfg):
+                mark_done(cfg, metrics)
     except Exception as err:
         log.error("job failed: %s: %s", type(err).__name__, err)
         raise

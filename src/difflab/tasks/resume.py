@@ -19,6 +19,10 @@ from difflab.tasks.common import show
 log = logging.getLogger(__name__)
 
 
+EXPERIMENT = ("model", "schedule", "objective", "loss", "optimizer", "lr_scheduler", "noise", "latent", "dataset",
+              "conditioning", "classifier", "autoencoder", "seed")
+"""The settings that make a run the experiment it is: a resumed (or skipped, finished) run must keep them."""
+
 SPEED_KNOBS = ("model.compile", "model.channels_last")
 """Settings that change how fast a run trains, not what it learns: a resumed run may change them."""
 
@@ -46,9 +50,7 @@ def resume_from(cfg: DictConfig) -> str | None:
             f"{last.parent} already holds checkpoints and resume=never: pick another run_id, or resume=auto to continue it"
         )
     last, ckpt, saved = newest_readable_checkpoint(last, cfg.task_name)
-    keys = ("model", "schedule", "objective", "loss", "optimizer", "lr_scheduler", "noise", "latent", "dataset",
-            "conditioning", "classifier", "autoencoder", "seed")
-    changed, diff = changed_settings(saved, cfg, keys)
+    changed, diff = changed_settings(saved, cfg, EXPERIMENT)
     if changed:
         raise ConfigError(
             f"{last} was written by a run with other {', '.join(changed)} settings than this command ({diff}): "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import signal
 import warnings
 from pathlib import Path
 
@@ -46,7 +47,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if data_shape != module.image_shape:
         raise ConfigError(f"the dataset's images are {data_shape} but the model expects {module.image_shape}")
     module.noise.check_num_samples(len(datamodule.train_set))
-    if module.latent is not None and module.latent.cache:  # the module was built to read latents: serve them
+    if module.latent is not None and module.latent.cache and not cfg.get("dry_run"):  # serve the cached latents
         path, train_latents, val_latents = cached_latents(datamodule, module.latent, cfg.seed)
         datamodule.serve_latents(train_latents, val_latents)
         print(f"latent cache: {show(path)}", flush=True)
@@ -84,29 +85,41 @@ def fit(cfg: DictConfig, module: L.LightningModule, datamodule: L.LightningDataM
     :func:`~difflab.tasks.resume.resume_from` says; reports the run (rank 0) and returns the callback metrics.
 
     The run dir is locked for the whole fit (:mod:`difflab.run_lock`): a second command on it is refused.
+    ``dry_run=true`` builds the trainer (every check) and returns no metrics, without locking or writing anything.
     """
+    if cfg.get("dry_run"):
+        build_trainer(cfg, module, datamodule)
+        return {}
     with RunDirLock(cfg.output_dir):  # one process (and its ranks) per run dir, before any checkpoint is read
         for orphan in remove_orphan_temporaries(Path(cfg.output_dir) / "checkpoints"):
             print(f"removed:     {show(orphan)} (a partial checkpoint of a killed process)", flush=True)
         ckpt_path = resume_from(cfg)
-        callbacks = [instantiate_node(c, f"callbacks.{name}") for name, c in (cfg.get("callbacks") or {}).items() if c]
-        loggers = [build_logger(c, Path(cfg.output_dir)) for c in (cfg.get("logger") or {}).values() if c]
-        launch = launch_settings(cfg.trainer.get("strategy"))
-        launch["plugins"] = [AtomicCheckpointIO(), *launch.get("plugins", [])]
-        trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **launch)
-        if hasattr(datamodule, "split_batch"):
-            per_device = datamodule.split_batch(trainer.world_size, trainer.accumulate_grad_batches)
-            if trainer.world_size > 1 or trainer.accumulate_grad_batches > 1:
-                log.info("global batch %d = %d process%s x %d accumulated x %d per step", datamodule.batch_size,
-                         trainer.world_size, "es" if trainer.world_size > 1 else "", trainer.accumulate_grad_batches,
-                         per_device)
-        if trainer.world_size > 1 and isinstance(module, DiffusionModule):
-            trainer.callbacks.append(RankConsistency(cfg.output_dir))
-        preemption = next((c for c in callbacks if isinstance(c, Preemption)), None)
-        forward = preemption.signals if preemption and launch.get("strategy") == "ddp_spawn" else []
+        trainer, forward = build_trainer(cfg, module, datamodule)
         with forward_signals_to_children(forward):
             trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
         if trainer.is_global_zero:
             report_training(Path(cfg.output_dir), metrics, cfg)
         return metrics
+
+
+def build_trainer(
+    cfg: DictConfig, module: L.LightningModule, datamodule: L.LightningDataModule
+) -> tuple[L.Trainer, list[signal.Signals]]:
+    """The trainer of ``cfg`` with its callbacks and loggers, the global batch split over its processes; and the
+    preemption signals to forward to ``ddp_spawn`` ranks."""
+    callbacks = [instantiate_node(c, f"callbacks.{name}") for name, c in (cfg.get("callbacks") or {}).items() if c]
+    loggers = [build_logger(c, Path(cfg.output_dir)) for c in (cfg.get("logger") or {}).values() if c]
+    launch = launch_settings(cfg.trainer.get("strategy"))
+    launch["plugins"] = [AtomicCheckpointIO(), *launch.get("plugins", [])]
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **launch)
+    if hasattr(datamodule, "split_batch"):
+        per_device = datamodule.split_batch(trainer.world_size, trainer.accumulate_grad_batches)
+        if trainer.world_size > 1 or trainer.accumulate_grad_batches > 1:
+            log.info("global batch %d = %d process%s x %d accumulated x %d per step", datamodule.batch_size,
+                     trainer.world_size, "es" if trainer.world_size > 1 else "", trainer.accumulate_grad_batches,
+                     per_device)
+    if trainer.world_size > 1 and isinstance(module, DiffusionModule):
+        trainer.callbacks.append(RankConsistency(cfg.output_dir))
+    preemption = next((c for c in callbacks if isinstance(c, Preemption)), None)
+    return trainer, preemption.signals if preemption and launch.get("strategy") == "ddp_spawn" else []
