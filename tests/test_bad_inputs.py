@@ -90,6 +90,16 @@ CASES = [
          "refusing to load {pickle_ckpt}", "pickled Python object (tests.test_bad_inputs.Payload)"),
     case("checkpoint holds a pickled object (export)", "export", "ckpt={pickle_ckpt} out={tmp}/exported",
          "refusing to load {pickle_ckpt}", "pickled Python object (tests.test_bad_inputs.Payload)"),
+    case("run_id is the latest link's name", "train", "run_id=latest",
+         "run_id='latest' is the name of the link to the newest run", "pick another run_id"),
+    case("checkpoint config names a callable (train)", "train", "ckpt_path={evil_ckpt}",
+         "refusing to build model._target_='shutil.copyfile'", "difflab's own classes", "nothing was built"),
+    case("checkpoint config names a callable (sample)", "sample", "ckpt={evil_ckpt}",
+         "refusing to build model._target_='shutil.copyfile'", "difflab's own classes", "nothing was built"),
+    case("checkpoint config names a callable (export)", "export", "ckpt={evil_ckpt} out={tmp}/exported",
+         "refusing to build model._target_='shutil.copyfile'", "difflab's own classes", "nothing was built"),
+    case("checkpoint config names a callable (evaluate)", "evaluate", "ckpt={evil_ckpt} metrics=[nll]",
+         "refusing to build model._target_='shutil.copyfile'", "difflab's own classes", "nothing was built"),
     case("checkpoint of another schedule", "train", "ckpt_path={run}/checkpoints/last.ckpt schedule=cosine",
          "other schedule settings", "schedule._target_: difflab.schedule.NoiseSchedule.linear -> "
          "difflab.schedule.NoiseSchedule.cosine", "use the checkpoint's settings"),
@@ -226,7 +236,8 @@ def _paths(tmp: Path, trained_run: Path, conditional: Path | None, needed: set[s
     shutil.copytree(trained_run, run)
     paths = {"run": run, "tmp": tmp, "file": tmp / "a_file", "empty_dir": tmp / "empty", "bad_image_dir": tmp / "bad",
              "cut_image_dir": tmp / "cut", "rgb_dir": tmp / "rgb", "cut_ckpt": tmp / "cut.ckpt",
-             "pickle_ckpt": tmp / "pickle.ckpt", "mixed_dir": tmp / "mixed", "small_dir": tmp / "small"}
+             "pickle_ckpt": tmp / "pickle.ckpt", "mixed_dir": tmp / "mixed", "small_dir": tmp / "small",
+             "evil_ckpt": tmp / "evil.ckpt"}
     if conditional is not None:
         paths["conditional"] = conditional
     make = set(paths) if needed is None else needed
@@ -257,6 +268,11 @@ def _paths(tmp: Path, trained_run: Path, conditional: Path | None, needed: set[s
     if "cut_ckpt" in make:
         data = (run / "checkpoints" / "last.ckpt").read_bytes()
         paths["cut_ckpt"].write_bytes(data[: len(data) // 2])
+    if "evil_ckpt" in make:  # its stored config would copy a file over another (tests/test_untrusted.py: more)
+        ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+        ckpt["hyper_parameters"]["run_config"]["model"] = {
+            "_target_": "shutil.copyfile", "src": str(paths["evil_ckpt"]), "dst": str(tmp / "marker")}
+        torch.save(ckpt, paths["evil_ckpt"])
     if "pickle_ckpt" in make:
         ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
         ckpt["hyper_parameters"]["payload"] = Payload()

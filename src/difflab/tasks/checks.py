@@ -53,6 +53,10 @@ def check_run_id(run_id: Any) -> None:
             "'..' would write outside it; allowed: a non-empty name without '/' other than '.' and '..' "
             "(e.g. run_id=baseline)"
         )
+    if name == "latest":
+        raise ConfigError(
+            "run_id='latest' is the name of the link to the newest run (outputs/<task>/latest): pick another run_id"
+        )
 
 
 class RunIdCheck(Callback):
