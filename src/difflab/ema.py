@@ -64,7 +64,7 @@ class EMA(nn.Module):
 
 
 def gamma_to_sigma_rel(gamma: float) -> float:
-    """sigma_rel = sqrt((gamma + 1) / ((gamma + 2)^2 (gamma + 3))): a power-function profile's relative width (Eq. 2)."""
+    """sigma_rel = sqrt((gamma + 1) / ((gamma + 2)^2 (gamma + 3))): a power-function profile's width (Eq. 2)."""
     return math.sqrt((gamma + 1) / ((gamma + 2) ** 2 * (gamma + 3)))
 
 
