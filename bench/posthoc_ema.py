@@ -1,7 +1,7 @@
 """Post-hoc EMA on the digits: the FD of EMAs of several widths reconstructed from ONE run's snapshots, against the
 classic EMA at two fixed decays (the model's ema_decay: 0.995 in that run, 0.999 in a second run of the same seed).
 
-    python bench/posthoc_ema.py [--steps 1200] [--every 100] [--num-samples 1000] [--sampler-steps 50]
+    python bench/posthoc_ema.py [--steps 1200] [--every 100] [--num-samples 1000] [--sampler-steps 50] [OVERRIDE ...]
 
 Both runs train the default model (model=small, 16x16) with the default config, only ``trainer.max_steps`` and the
 snapshot interval set; they train the same weights (the EMA never feeds back), so only the averaging differs.
@@ -55,10 +55,13 @@ def main() -> None:
     parser.add_argument("--every", type=int, default=100, help="snapshot interval in optimizer steps")
     parser.add_argument("--num-samples", type=int, default=1000)
     parser.add_argument("--sampler-steps", type=int, default=50)
+    parser.add_argument("overrides", nargs="*", help="train.py overrides for both runs (a reduced budget: model=tiny)")
     args = parser.parse_args()
     print(f"power-function EMA updates (2 widths): {update_ms():.2f} ms / step", flush=True)
-    one = trained("posthoc", args.steps, [f"callbacks.posthoc_ema.every_n_steps={args.every}"])
-    fixed = trained("decay_0.999", args.steps, ["model.ema_decay=0.999", "callbacks.posthoc_ema=null"])
+    tag = "".join(f"_{o}" for o in args.overrides).replace("=", "-").replace("/", "-")
+    one = trained(f"posthoc{tag}", args.steps, [f"callbacks.posthoc_ema.every_n_steps={args.every}", *args.overrides])
+    fixed = trained(f"decay_0.999{tag}", args.steps,
+                    ["model.ema_decay=0.999", "callbacks.posthoc_ema=null", *args.overrides])
     real = real_digits(16)
     sampler = sampler_config("ddim", f"num_steps={args.sampler_steps}")
 
@@ -70,7 +73,8 @@ def main() -> None:
     for sigma_rel in SIGMA_RELS:
         ckpt = posthoc_ema(compose("posthoc_ema", [f"run={one}", f"sigma_rel={sigma_rel}"]))
         rows.append((f"post-hoc sigma_rel {sigma_rel} (run 1)", fd(ckpt)))
-    print(f"\n{args.steps} steps, snapshots every {args.every}; FD of {args.num_samples} DDIM-{args.sampler_steps} "
+    print(f"\n{' '.join(args.overrides) or 'model=small'}, {args.steps} steps, snapshots every {args.every}; "
+          f"FD of {args.num_samples} DDIM-{args.sampler_steps} "
           "samples to all digits (8x8 pixels)\n\n| EMA | FD |\n|---|---|")
     for name, value in rows:
         print(f"| {name} | {value:.3f} |")
