@@ -3,6 +3,7 @@
 from difflab.callbacks.checkpoint import PeriodicCheckpoint
 from difflab.callbacks.divergence import DivergenceGuard
 from difflab.callbacks.evaluation import Evaluation
+from difflab.callbacks.posthoc_ema import PostHocEMA
 from difflab.callbacks.preemption import Preemption
 from difflab.callbacks.reconstructions import Reconstructions
 from difflab.callbacks.sample_grid import SampleGrid
@@ -10,6 +11,6 @@ from difflab.callbacks.save_vae import SaveVAE
 from difflab.callbacks.seeding import SeedEachStep
 
 __all__ = [
-    "DivergenceGuard", "Evaluation", "PeriodicCheckpoint", "Preemption", "Reconstructions", "SampleGrid", "SaveVAE",
+    "DivergenceGuard", "Evaluation", "PeriodicCheckpoint", "PostHocEMA", "Preemption", "Reconstructions", "SampleGrid", "SaveVAE",
     "SeedEachStep",
 ]
