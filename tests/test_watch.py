@@ -100,5 +100,5 @@ def test_watch_refuses_bad_settings(trained_run, tmp_path, extra, message):
 
 
 def test_watch_refuses_a_dir_that_is_no_training_run(tmp_path):
-    with pytest.raises(ConfigError, match=r"watch=.*nowhere is not a training run dir \(it has no .hydra/config.yaml\)"):
+    with pytest.raises(ConfigError, match=r"watch=.*nowhere is not a training run dir \(it has no .hydra/config"):
         _watch(tmp_path / "nowhere", tmp_path / "features", tmp_path)

@@ -95,10 +95,10 @@ class WandbEval:
 def watch(cfg: DictConfig) -> dict[str, float]:
     """Score ``cfg.watch``'s checkpoints as they appear (see the module doc); returns the newest scores."""
     if cfg.get("ckpt") is not None:
-        raise ConfigError(f"give ckpt={cfg.ckpt} or watch={cfg.watch}, not both: watch scores every checkpoint of a run")
+        raise ConfigError(f"give ckpt={cfg.ckpt} or watch={cfg.watch}, not both: watch scores each checkpoint of a run")
     run_dir = Path(cfg.watch).expanduser()
     if not (run_dir / ".hydra" / "config.yaml").is_file():
-        raise ConfigError(f"watch={run_dir} is not a training run dir (it has no .hydra/config.yaml): give train.py's run dir")
+        raise ConfigError(f"watch={run_dir} is not a training run dir (it has no .hydra/config.yaml)")
     run_config = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
     if run_config.get("task_name") != "train":
         raise ConfigError(f"watch={run_dir} is a '{run_config.get('task_name')}' run: give a train.py run dir")
@@ -110,7 +110,8 @@ def watch(cfg: DictConfig) -> dict[str, float]:
     print(f"watching:    {show(run_dir)} (every {cfg.poll_seconds} s; W&B: {'yes' if wandb_run else 'no'})", flush=True)
     scored = sorted(int(p.stem[5:]) for p in (run_dir / "eval").glob("step_*.json"))
     if scored:
-        print(f"skipped:     {len(scored)} checkpoints already scored (steps {', '.join(map(str, scored))})", flush=True)
+        print(f"skipped:     {len(scored)} checkpoints already scored (steps {', '.join(map(str, scored))})",
+              flush=True)
     latest: dict[str, float] = {}
     waited_since = time.monotonic()
     try:
@@ -149,5 +150,6 @@ def score(cfg: DictConfig, run_dir: Path, step: int, ckpt: Path, wandb_run: Wand
     metrics = {k: float(v) for k, v in results["metrics"].items()}
     if wandb_run is not None:
         wandb_run.log(step, metrics)
-    print(f"scored:      step {step} ({show(ckpt)}): " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()), flush=True)
+    values = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items())
+    print(f"scored:      step {step} ({show(ckpt)}): {values}", flush=True)
     return metrics
