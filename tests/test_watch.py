@@ -6,7 +6,6 @@ import json
 import math
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -75,15 +74,12 @@ def test_watch_beside_a_running_training_ends_by_itself(feature_run, tmp_path, c
     train = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *KEEP_ALL, "trainer.max_steps=9",
                               f"hydra.run.dir={run_dir}"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              text=True)
-    deadline = time.time() + 120
-    while not (run_dir / ".hydra" / "config.yaml").is_file() and time.time() < deadline:
-        time.sleep(0.1)
-    assert lock_path(run_dir).exists() and not (run_dir / "checkpoints" / "last.ckpt").exists()  # still training
-    _watch(run_dir, feature_run, tmp_path, "timeout_minutes=2")
+    _watch(run_dir, feature_run, tmp_path, "timeout_minutes=2")  # started before the run: it waits for it
     assert not lock_path(run_dir).exists()  # it returned only after the fit had ended (the process may still exit)
     assert train.wait(timeout=120) == 0, train.communicate()[1][-3000:]
     assert sorted(_scores(run_dir)) == [3, 6, 9]
-    assert capsys.readouterr().out.count("scored:") == 3
+    out = capsys.readouterr().out
+    assert out.startswith(f"waiting:     for a training run to start in {run_dir}") and out.count("scored:") == 3
 
 
 @pytest.mark.parametrize(
@@ -93,12 +89,15 @@ def test_watch_beside_a_running_training_ends_by_itself(feature_run, tmp_path, c
         (["poll_seconds=0"], "poll_seconds must be a positive number, got 0"),
     ],
 )
-def test_watch_refuses_bad_settings(trained_run, tmp_path, extra, message):
-    with pytest.raises(ConfigError, match=message):
-        _watch(trained_run, tmp_path / "features", tmp_path, *extra)
-    assert not (trained_run / "eval").exists()
+def test_watch_refuses_bad_settings(tmp_path, extra, message):
+    with pytest.raises(ConfigError, match=message):  # before it looks for the run
+        _watch(tmp_path / "run", tmp_path / "features", tmp_path, *extra)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
 def test_watch_refuses_a_dir_that_is_no_training_run(tmp_path):
-    with pytest.raises(ConfigError, match=r"watch=.*nowhere is not a training run dir \(it has no .hydra/config"):
-        _watch(tmp_path / "nowhere", tmp_path / "features", tmp_path)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match=r"watch=.*empty is not a training run dir \(it has no .hydra/config"):
+        _watch(tmp_path / "empty", tmp_path / "features", tmp_path)
+    with pytest.raises(ConfigError, match=r"watch=.*nowhere: no training run started there in timeout_minutes=0.001"):
+        _watch(tmp_path / "nowhere", tmp_path / "features", tmp_path, "timeout_minutes=0.001")

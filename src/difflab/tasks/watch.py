@@ -92,19 +92,34 @@ class WandbEval:
             self.run = None
 
 
+def wait_for_run(run_dir: Path, poll_seconds: float, timeout_minutes: float) -> DictConfig:
+    """The run's config (``.hydra/config.yaml``), waited for while the run has not started (a queued SLURM job)."""
+    path = run_dir / ".hydra" / "config.yaml"
+    since, waiting = time.monotonic(), False
+    while not path.is_file():
+        if run_dir.exists() and _read(lock_path(run_dir)) is None:  # neither starting nor a run dir
+            raise ConfigError(f"watch={run_dir} is not a training run dir (it has no .hydra/config.yaml)")
+        if time.monotonic() - since > timeout_minutes * 60:
+            raise ConfigError(f"watch={run_dir}: no training run started there in timeout_minutes={timeout_minutes}")
+        if not waiting:
+            print(f"waiting:     for a training run to start in {show(run_dir)}", flush=True)
+            waiting = True
+        time.sleep(poll_seconds)
+    run_config = OmegaConf.load(path)
+    if run_config.get("task_name") != "train":
+        raise ConfigError(f"watch={run_dir} is a '{run_config.get('task_name')}' run: give a train.py run dir")
+    return run_config
+
+
 def watch(cfg: DictConfig) -> dict[str, float]:
     """Score ``cfg.watch``'s checkpoints as they appear (see the module doc); returns the newest scores."""
     if cfg.get("ckpt") is not None:
         raise ConfigError(f"give ckpt={cfg.ckpt} or watch={cfg.watch}, not both: watch scores each checkpoint of a run")
-    run_dir = Path(cfg.watch).expanduser()
-    if not (run_dir / ".hydra" / "config.yaml").is_file():
-        raise ConfigError(f"watch={run_dir} is not a training run dir (it has no .hydra/config.yaml)")
-    run_config = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
-    if run_config.get("task_name") != "train":
-        raise ConfigError(f"watch={run_dir} is a '{run_config.get('task_name')}' run: give a train.py run dir")
     for key in ("poll_seconds", "timeout_minutes"):
         if isinstance(cfg[key], bool) or not isinstance(cfg[key], (int, float)) or cfg[key] <= 0:
             raise ConfigError(f"{key} must be a positive number, got {cfg[key]}")
+    run_dir = Path(cfg.watch).expanduser()
+    run_config = wait_for_run(run_dir, cfg.poll_seconds, cfg.timeout_minutes)
     max_steps = OmegaConf.select(run_config, "trainer.max_steps")
     wandb_run = WandbEval(run_dir, run_config) if (run_dir / RUN_ID_FILE).is_file() else None
     print(f"watching:    {show(run_dir)} (every {cfg.poll_seconds} s; W&B: {'yes' if wandb_run else 'no'})", flush=True)
