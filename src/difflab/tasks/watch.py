@@ -67,7 +67,8 @@ def run_ended(run_dir: Path, max_steps: int | None) -> bool:
 
 
 class WandbEval:
-    """The training run's W&B run, resumed by the id in ``<run>/wandb_run_id`` on first use; eval/* per checkpoint."""
+    """The training run's W&B run, resumed by the id in ``<run>/wandb_run_id`` on first use (the trainer writes
+    it before its first checkpoint); eval/* per checkpoint."""
 
     def __init__(self, run_dir: Path, run_config: DictConfig) -> None:
         self.run_dir = run_dir
@@ -121,7 +122,7 @@ def watch(cfg: DictConfig) -> dict[str, float]:
     run_dir = Path(cfg.watch).expanduser()
     run_config = wait_for_run(run_dir, cfg.poll_seconds, cfg.timeout_minutes)
     max_steps = OmegaConf.select(run_config, "trainer.max_steps")
-    wandb_run = WandbEval(run_dir, run_config) if (run_dir / RUN_ID_FILE).is_file() else None
+    wandb_run = WandbEval(run_dir, run_config) if OmegaConf.select(run_config, "logger.wandb") else None
     print(f"watching:    {show(run_dir)} (every {cfg.poll_seconds} s; W&B: {'yes' if wandb_run else 'no'})", flush=True)
     scored = sorted(int(p.stem[5:]) for p in (run_dir / "eval").glob("step_*.json"))
     if scored:
