@@ -87,6 +87,7 @@ def test_watch_beside_a_running_training_ends_by_itself(feature_run, tmp_path, c
     [
         (["ckpt=x.ckpt"], "give ckpt=x.ckpt or watch=.* not both"),
         (["poll_seconds=0"], "poll_seconds must be a positive number, got 0"),
+        (["num_samples=1"], "fid and kid need num_samples >= 2, got 1"),
     ],
 )
 def test_watch_refuses_bad_settings(tmp_path, extra, message):

@@ -11,6 +11,7 @@ without a new checkpoint.
 from __future__ import annotations
 
 import re
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from difflab.errors import ConfigError
 from difflab.loggers import RUN_ID_FILE
 from difflab.run_lock import _alive, _read, lock_path
 from difflab.tasks.common import show
-from difflab.tasks.evaluate import evaluate
+from difflab.tasks.evaluate import check_evaluation, evaluate, metric_names
 
 STEP_FILE = re.compile(r"step_(\d+)\.ckpt")
 DONE_FILE = "done.json"
@@ -60,8 +61,10 @@ def run_ended(run_dir: Path, max_steps: int | None) -> bool:
     if (run_dir / DONE_FILE).is_file():
         return True
     holder = _read(lock_path(run_dir))
-    if holder is not None and (not holder or _alive(holder["pid"], holder.get("proc_start"))):
-        return False  # held, or being taken (no record yet)
+    if holder is not None and (
+        not holder or holder.get("host") != socket.gethostname() or _alive(holder["pid"], holder.get("proc_start"))
+    ):
+        return False  # held (on another host: it cannot be checked, the lock goes when that run ends), or being taken
     last = run_dir / "checkpoints" / "last.ckpt"
     return last.is_file() and (max_steps is None or max_steps < 0 or checkpoint_step(last) >= max_steps)
 
@@ -119,6 +122,7 @@ def watch(cfg: DictConfig) -> dict[str, float]:
     for key in ("poll_seconds", "timeout_minutes"):
         if isinstance(cfg[key], bool) or not isinstance(cfg[key], (int, float)) or cfg[key] <= 0:
             raise ConfigError(f"{key} must be a positive number, got {cfg[key]}")
+    check_evaluation(cfg, metric_names(cfg.metrics))  # before waiting for the first checkpoint
     run_dir = Path(cfg.watch).expanduser()
     run_config = wait_for_run(run_dir, cfg.poll_seconds, cfg.timeout_minutes)
     max_steps = OmegaConf.select(run_config, "trainer.max_steps")
