@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -72,8 +73,9 @@ def nll_data(cfg: DictConfig, datamodule: Any, module: DiffusionModule) -> tuple
     return images[:count], labels[:count] if module.num_classes else None
 
 
-def evaluate(cfg: DictConfig) -> dict[str, Any]:
-    """FID / KID of samples and the NLL bound in bits/dim of ``cfg.ckpt``; writes ``<out_dir>/results.json``.
+def evaluate(cfg: DictConfig, results_path: Path | None = None) -> dict[str, Any]:
+    """FID / KID of samples and the NLL bound in bits/dim of ``cfg.ckpt``; writes ``<out_dir>/results.json``
+    (or ``results_path``, given: the watcher's ``<run>/eval/step_XXXXXX.json``).
 
     Only what ``cfg.metrics`` asks for is computed: sampling for fid / kid, the bound for nll
     (:mod:`difflab.likelihood`, on the checkpoint's held-out split). Every setting is checked
@@ -82,7 +84,13 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     metrics = metric_names(cfg.metrics)
     quality = bool({"fid", "kid"} & set(metrics))
     check_evaluation(cfg, metrics)
-    out_dir = checked_out_dir(cfg, (RESULTS_FILE,))
+    if cfg.get("ckpt") is None:
+        raise ConfigError(
+            "ckpt is not set: give ckpt=PATH (a .ckpt file, or a training run dir for its last.ckpt), "
+            "or watch=RUN_DIR to score a training run's checkpoints as they are written"
+        )
+    if results_path is None:
+        results_path = checked_out_dir(cfg, (RESULTS_FILE,)) / RESULTS_FILE
     sampler = instantiate_node(cfg.sampler, "sampler")
     device = pick_device(cfg.device)
     ckpt = resolve_checkpoint(cfg.ckpt)
@@ -188,7 +196,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             f"{summary['nll_decoder_bpd']:.4f}; {nll_images.shape[0]} {cfg.nll.split} images, "
             f"{'all' if terms.exact else k} + 1 timesteps each, {results['nll']['variance']} variance)"
         )
-    path = atomic_write(out_dir / RESULTS_FILE, lambda f: f.write(json.dumps(results, indent=2).encode()))
+    path = atomic_write(results_path, lambda f: f.write(json.dumps(results, indent=2).encode()))
     lines.append(f"results:     {show(path)}")
     print("\n".join(lines), flush=True)
     return results

@@ -1,4 +1,5 @@
-"""python -m difflab.summarize SWEEP_DIR: one table and one plot of an evaluation sweep's results.
+"""python -m difflab.summarize SWEEP_DIR: one table and one plot of an evaluation sweep's results; of a training
+sweep (``python train.py -m ...``), the report of :mod:`difflab.summarize.training`.
 
 Reads every job's ``results.json`` and ``.hydra/overrides.yaml`` under a Hydra multirun dir
 (``python evaluate.py -m ...``), writes ``summary.md``, ``summary.csv`` and ``summary.png``
@@ -153,10 +154,16 @@ def plot(rows: list[dict[str, Any]], header: list[str], path: Path) -> Path | No
 
 
 def summarize(sweep_dir: str | Path) -> dict[str, Any]:
-    """Write summary.md, summary.csv and summary.png into ``sweep_dir``; returns paths, header, body, missing jobs."""
+    """Write summary.md, summary.csv and summary.png into ``sweep_dir`` (a training sweep: its report, see
+    :func:`~difflab.summarize.training.summarize_training`); returns paths, header, body, the jobs missing
+    the ``expected`` file."""
+    from difflab.summarize.training import summarize_training, training_jobs
+
     sweep_dir = Path(sweep_dir)
     if not sweep_dir.is_dir():
-        raise FileNotFoundError(f"{sweep_dir} is not a directory: give the multirun dir of an evaluation sweep")
+        raise FileNotFoundError(f"{sweep_dir} is not a directory: give the multirun dir of a sweep (evaluate or train)")
+    if training_jobs(sweep_dir):
+        return summarize_training(sweep_dir)
     rows, missing = collect(sweep_dir)
     if not rows:
         raise FileNotFoundError(f"no {RESULTS_FILE} under {sweep_dir}: is it the dir of an evaluate.py -m sweep?")
@@ -167,12 +174,13 @@ def summarize(sweep_dir: str | Path) -> dict[str, Any]:
     with open(csv_path, "w", newline="") as f:
         csv.writer(f).writerows([header, *[["" if v is None else v for v in row] for row in body]])
     png = plot(rows, header, sweep_dir / "summary.png")
-    return {"markdown": md, "csv": csv_path, "plot": png, "header": header, "body": body, "missing": missing}
+    return {"markdown": md, "csv": csv_path, "plot": png, "plots": [png] if png else [], "header": header, "body": body,
+            "missing": missing, "expected": RESULTS_FILE}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m difflab.summarize", description=__doc__.split("\n\n")[0])
-    parser.add_argument("sweep_dir", help="the multirun dir of an evaluation sweep (multirun/evaluate/<id>)")
+    parser.add_argument("sweep_dir", help="the multirun dir of a sweep (multirun/evaluate/<id>, multirun/train/<id>)")
     args = parser.parse_args(argv)
     try:
         out = summarize(args.sweep_dir)
@@ -180,12 +188,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     for job in out["missing"]:
-        print(f"left out:    {job} has no {RESULTS_FILE} (failed, or still running)", file=sys.stderr)
+        print(f"left out:    {job} has no {out['expected']} (failed, or still running)", file=sys.stderr)
     print(out["markdown"].read_text(), end="")
-    written = [out["markdown"], out["csv"]] + ([out["plot"]] if out["plot"] else [])
+    written = [out["markdown"], out["csv"], *out["plots"]]
     print("\n".join(f"wrote:       {p}" for p in written))
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
