@@ -111,6 +111,22 @@ def _read(path: Path) -> dict[str, Any] | None:
 
 
 @contextmanager
+def lock_holder(run_dir: str | os.PathLike) -> dict[str, Any] | None:
+    """The record of whoever holds ``run_dir``'s lock: None without a lock file, {} while one is being written."""
+    return _read(lock_path(run_dir))
+
+
+def is_locked(run_dir: str | os.PathLike) -> bool:
+    """Whether a process holds ``run_dir``'s lock: a live one on this host, or any on another host (which cannot be
+    checked from here; its lock goes when that run ends), or one that is taking it right now."""
+    holder = lock_holder(run_dir)
+    if holder is None:
+        return False
+    if not holder or holder.get("host") != socket.gethostname():
+        return True
+    return _alive(holder["pid"], holder.get("proc_start"))
+
+
 def _dir_locked(directory: Path) -> Iterator[None]:
     """Hold ``flock`` on ``directory`` (serialises lock checks on this host); a no-op where it is not supported."""
     fd = os.open(directory, os.O_RDONLY)

@@ -11,7 +11,6 @@ without a new checkpoint.
 from __future__ import annotations
 
 import re
-import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from difflab.errors import ConfigError
 from difflab.loggers import RUN_ID_FILE
-from difflab.run_lock import _alive, _read, lock_path
+from difflab.run_lock import is_locked, lock_holder
 from difflab.tasks.common import show
 from difflab.tasks.evaluate import check_evaluation, evaluate, metric_names
 
@@ -60,11 +59,8 @@ def run_ended(run_dir: Path, max_steps: int | None) -> bool:
     ``last.ckpt`` has reached ``trainer.max_steps`` (a preempted run, lock gone but short of it, is still going)."""
     if (run_dir / DONE_FILE).is_file():
         return True
-    holder = _read(lock_path(run_dir))
-    if holder is not None and (
-        not holder or holder.get("host") != socket.gethostname() or _alive(holder["pid"], holder.get("proc_start"))
-    ):
-        return False  # held (on another host: it cannot be checked, the lock goes when that run ends), or being taken
+    if is_locked(run_dir):
+        return False
     last = run_dir / "checkpoints" / "last.ckpt"
     return last.is_file() and (max_steps is None or max_steps < 0 or checkpoint_step(last) >= max_steps)
 
@@ -101,7 +97,7 @@ def wait_for_run(run_dir: Path, poll_seconds: float, timeout_minutes: float) -> 
     path = run_dir / ".hydra" / "config.yaml"
     since, waiting = time.monotonic(), False
     while not path.is_file():
-        if run_dir.exists() and _read(lock_path(run_dir)) is None:  # neither starting nor a run dir
+        if run_dir.exists() and lock_holder(run_dir) is None:  # neither starting nor a run dir
             raise ConfigError(f"watch={run_dir} is not a training run dir (it has no .hydra/config.yaml)")
         if time.monotonic() - since > timeout_minutes * 60:
             raise ConfigError(f"watch={run_dir}: no training run started there in timeout_minutes={timeout_minutes}")
