@@ -18,15 +18,16 @@ from difflab.objectives import Prediction
 from difflab.samplers import Denoiser
 
 
-class Unconditional:
-    """No conditioning (``conditioning=none``): the UNet has no class embedding and sees no labels."""
+class Conditioning:
+    """What the UNet is conditioned on (the ``conditioning`` config group): the UNet config it needs, the labels it
+    sees in training. The base is the unconditional model; an option is a subclass."""
 
     num_classes: int | None = None
     p_uncond: float = 0.0
     class_names: tuple[str, ...] = ()
 
     def unet_config(self) -> dict[str, int]:
-        """What the UNet's config needs for this conditioning: nothing."""
+        """The UNet config keys this conditioning needs: none."""
         return {}
 
     def training_labels(self, y: Tensor, generator: torch.Generator | None = None) -> Tensor | None:
@@ -34,7 +35,11 @@ class Unconditional:
         return None
 
 
-class ClassLabels(Unconditional):
+class Unconditional(Conditioning):
+    """No conditioning (``conditioning=none``): the UNet has no class embedding and sees no labels."""
+
+
+class ClassLabels(Conditioning):
     """Class labels (``conditioning=class``): diffusers' class embedding with ``num_classes`` + 1 entries, the last
     the null label, to which training drops each label with probability ``p_uncond`` (classifier-free guidance)."""
 
@@ -56,10 +61,6 @@ class ClassLabels(Unconditional):
     def training_labels(self, y: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """``y`` with labels dropped to the null label (index ``num_classes``) with probability ``p_uncond``."""
         return drop_labels(y, self.p_uncond, self.num_classes, generator)
-
-
-Conditioning = Unconditional
-"""What a conditioning option is: :class:`Unconditional` or a subclass."""
 
 
 def balanced_labels(num_classes: int, num_samples: int) -> Tensor:

@@ -36,21 +36,6 @@ from difflab.seeding import PerSampleNoise
 
 log = logging.getLogger(__name__)
 
-SCHEDULERS: tuple[str, ...] = (
-    "DPMSolverMultistepScheduler",
-    "DPMSolverSinglestepScheduler",
-    "UniPCMultistepScheduler",
-    "DEISMultistepScheduler",
-    "SASolverScheduler",
-    "EulerDiscreteScheduler",
-    "EulerAncestralDiscreteScheduler",
-    "HeunDiscreteScheduler",
-    "KDPM2DiscreteScheduler",
-    "KDPM2AncestralDiscreteScheduler",
-    "LMSDiscreteScheduler",
-    "PNDMScheduler",
-)
-"""The diffusers schedulers for discrete-time eps / x0 / v models that take ``trained_betas``."""
 SIGMA_SPACE: tuple[str, ...] = (
     "EulerDiscreteScheduler",
     "EulerAncestralDiscreteScheduler",
@@ -60,6 +45,16 @@ SIGMA_SPACE: tuple[str, ...] = (
     "LMSDiscreteScheduler",
 )
 """The schedulers that walk sigma = sqrt((1 - abar) / abar) in float32: handed abar of at least 2^-24."""
+SCHEDULERS: tuple[str, ...] = (
+    "DPMSolverMultistepScheduler",
+    "DPMSolverSinglestepScheduler",
+    "UniPCMultistepScheduler",
+    "DEISMultistepScheduler",
+    "SASolverScheduler",
+    *SIGMA_SPACE,
+    "PNDMScheduler",
+)
+"""The diffusers schedulers for discrete-time eps / x0 / v models that take ``trained_betas``."""
 
 PREDICTION_TYPES = {"eps": "epsilon", "x0": "sample", "v": "v_prediction"}
 WIDE_FIRST_STEP = {"HeunDiscreteScheduler": 100.0, "KDPM2AncestralDiscreteScheduler": 100.0, "PNDMScheduler": 100.0}
