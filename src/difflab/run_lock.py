@@ -110,7 +110,6 @@ def _read(path: Path) -> dict[str, Any] | None:
     return {}
 
 
-@contextmanager
 def lock_holder(run_dir: str | os.PathLike) -> dict[str, Any] | None:
     """The record of whoever holds ``run_dir``'s lock: None without a lock file, {} while one is being written."""
     return _read(lock_path(run_dir))
@@ -127,6 +126,7 @@ def is_locked(run_dir: str | os.PathLike) -> bool:
     return _alive(holder["pid"], holder.get("proc_start"))
 
 
+@contextmanager
 def _dir_locked(directory: Path) -> Iterator[None]:
     """Hold ``flock`` on ``directory`` (serialises lock checks on this host); a no-op where it is not supported."""
     fd = os.open(directory, os.O_RDONLY)
