@@ -60,6 +60,7 @@ def test_resume_refuses_when_no_checkpoint_is_readable(trained_run, tmp_path):
     shutil.copytree(trained_run, run_dir)
     for ckpt in (run_dir / "checkpoints").iterdir():
         _truncate(ckpt)
+    (run_dir / "done.json").unlink()  # an unfinished run: a finished one is skipped without reading checkpoints
     before = {p: p.read_bytes() for p in (run_dir / "checkpoints").iterdir()}
     proc = run_script("train.py", *TINY_TRAIN, f"hydra.run.dir={run_dir}", check=False)
     assert proc.returncode != 0 and f"cannot load checkpoint {run_dir / 'checkpoints' / 'last.ckpt'}" in proc.stderr
