@@ -212,3 +212,13 @@ def newest_readable(last: Path, read: Callable[[Path], T]) -> tuple[Path, T, Con
             except ConfigError:
                 continue
         raise
+
+
+PERIODIC = re.compile(r"step_(\d+)\.ckpt")
+"""The name of a periodic checkpoint (``step_000300.ckpt``: the step it holds)."""
+
+
+def periodic_checkpoints(directory: str | os.PathLike) -> dict[int, Path]:
+    """{global step: path} of the periodic ``step_*.ckpt`` checkpoints in ``directory``, the step read from the name."""
+    found = (PERIODIC.fullmatch(p.name) for p in Path(directory).glob("step_*.ckpt"))
+    return {int(m.group(1)): Path(directory) / m.group(0) for m in found if m}

@@ -30,6 +30,7 @@ LOSSES = ("val/loss", "val/loss_ema")
 """Final metrics every job reports when logged; eval/* metrics (in-training or watcher) follow them by name."""
 NOT_REPORTED = {"eval/kid_subset_size"}
 DONE_FILE = "done.json"
+"""The marker a training job writes into its run dir when it reached trainer.max_steps (difflab.tasks.sweep)."""
 
 
 @dataclass

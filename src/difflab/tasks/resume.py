@@ -12,7 +12,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from difflab.build import read_checkpoint
-from difflab.checkpointing import atomic_write, newest_readable
+from difflab.checkpointing import atomic_write, newest_readable, periodic_checkpoints
 from difflab.errors import ConfigError
 from difflab.tasks.common import show
 
@@ -92,7 +92,7 @@ def restore_missing_best(cfg: DictConfig, last: Path, last_step: int) -> Path | 
     if target.is_file():
         return None
     logged = _logged(Path(cfg.output_dir) / "logs" / "metrics.csv", best.monitor)
-    kept = {int(p.stem.removeprefix("step_")): p for p in target.parent.glob("step_*.ckpt") if p.stem[5:].isdigit()}
+    kept = periodic_checkpoints(target.parent)
     kept.setdefault(last_step, last)
     candidates = {step: logged[step] for step in kept if step in logged}
     if not candidates:

@@ -28,10 +28,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from difflab.checkpointing import atomic_write
 from difflab.errors import ConfigError
+from difflab.summarize.training import DONE_FILE
 from difflab.tasks.common import show
 from difflab.tasks.resume import EXPERIMENT, changed_settings
 
-DONE_FILE = "done.json"
 
 _dry_run_results: list[tuple[str, str | None]] = []
 """(run dir, reason it would fail or None) of each dry-run job of this process's sweep, for the summary."""

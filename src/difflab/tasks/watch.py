@@ -10,7 +10,6 @@ without a new checkpoint.
 
 from __future__ import annotations
 
-import re
 import time
 from pathlib import Path
 from typing import Any
@@ -18,15 +17,14 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from difflab.checkpointing import PERIODIC, periodic_checkpoints
 from difflab.errors import ConfigError
 from difflab.loggers import RUN_ID_FILE
 from difflab.run_lock import is_locked, lock_holder
+from difflab.summarize.training import DONE_FILE
 from difflab.tasks.common import show
 from difflab.tasks.evaluate import check_evaluation, evaluate, metric_names
 
-STEP_FILE = re.compile(r"step_(\d+)\.ckpt")
-DONE_FILE = "done.json"
-"""A marker a finished training run may write into its run dir: its presence alone means the run has ended."""
 
 
 def eval_path(run_dir: Path, step: int) -> Path:
@@ -36,7 +34,7 @@ def eval_path(run_dir: Path, step: int) -> Path:
 
 def checkpoint_step(path: Path) -> int:
     """The global step of a checkpoint: from its name (``step_000300.ckpt``), else read from the file."""
-    match = STEP_FILE.fullmatch(path.name)
+    match = PERIODIC.fullmatch(path.name)
     if match:
         return int(match.group(1))
     return int(torch.load(path, map_location="cpu", weights_only=True)["global_step"])
@@ -44,10 +42,7 @@ def checkpoint_step(path: Path) -> int:
 
 def pending(run_dir: Path, include_last: bool) -> list[tuple[int, Path]]:
     """(step, checkpoint) of the run's checkpoints without scores, by step; last.ckpt only if ``include_last``."""
-    found = {}
-    for path in (run_dir / "checkpoints").glob("step_*.ckpt"):
-        if STEP_FILE.fullmatch(path.name):
-            found[checkpoint_step(path)] = path
+    found = periodic_checkpoints(run_dir / "checkpoints")
     last = run_dir / "checkpoints" / "last.ckpt"
     if include_last and last.is_file():
         found.setdefault(checkpoint_step(last), last)
