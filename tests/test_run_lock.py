@@ -250,8 +250,14 @@ def test_two_train_py_on_one_run_id_the_second_is_refused_and_the_first_is_whole
     deadline = time.time() + 60
     while not lock.exists() and first.poll() is None and time.time() < deadline:
         time.sleep(0.05)
-    second = subprocess.run([sys.executable, str(ROOT / "train.py"), *args, "optimizer.lr=5e-4"], cwd=tmp_path,
-                            env=env, capture_output=True, text=True)
+    # Paused while the second starts, so a loaded machine cannot let the first finish before the second looks
+    # at the lock (a stopped process is alive: its lock is still held).
+    first.send_signal(signal.SIGSTOP)
+    try:
+        second = subprocess.run([sys.executable, str(ROOT / "train.py"), *args, "optimizer.lr=5e-4"], cwd=tmp_path,
+                                env=env, capture_output=True, text=True)
+    finally:
+        first.send_signal(signal.SIGCONT)
     out, _ = first.communicate(timeout=300)
     assert first.returncode == 0, out
     assert second.returncode != 0 and f"held by pid {first.pid}" in second.stderr + second.stdout
