@@ -90,8 +90,9 @@ class WandbEval:
 def wait_for_run(run_dir: Path, poll_seconds: float, timeout_minutes: float) -> DictConfig:
     """The run's config (``.hydra/config.yaml``), waited for while the run has not started (a queued SLURM job)."""
     path = run_dir / ".hydra" / "config.yaml"
+    written = run_dir / ".hydra" / "overrides.yaml"  # Hydra writes it after config.yaml (in place, not atomically)
     since, waiting = time.monotonic(), False
-    while not path.is_file():
+    while not written.is_file():
         if run_dir.exists() and lock_holder(run_dir) is None:  # neither starting nor a run dir
             raise ConfigError(f"watch={run_dir} is not a training run dir (it has no .hydra/config.yaml)")
         if time.monotonic() - since > timeout_minutes * 60:
