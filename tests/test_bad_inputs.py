@@ -63,6 +63,8 @@ CASES = [
     case("T < 2", "train", "schedule.num_timesteps=1", "T=1", "T >= 2"),
     case("image size not divisible by the UNet", "train", "model=small dataset.resolution=18",
          "image size 18", "downsampling factor 4", "use a multiple of 4"),
+    case("text UNet without text conditioning", "train", "model=sd_small",
+         "model=sd_small", "needs conditioning=text", "use model=small, tiny, ddpm_cifar10, ddpm_256 or adm64"),
     case("dataset folder missing", "train", "dataset=image_folder dataset.path={tmp}/nowhere",
          "dataset.path={tmp}/nowhere is not a directory", "set dataset.path=DIR to a folder of images"),
     case("dataset folder empty", "train", "dataset=image_folder dataset.path={empty_dir}",

@@ -65,6 +65,9 @@ class DiffusionModule(L.LightningModule):
     generator seeded by (``seed``, step, rank, micro-batch): ranks draw independent noise, and a
     resumed run draws exactly what an uninterrupted one would.
 
+    ``gradient_checkpointing`` recomputes the UNet's activations block by block in the backward pass (diffusers'
+    ``enable_gradient_checkpointing``): the same gradients for less memory (docs/benchmarks.md).
+
     :func:`difflab.build.build_module` saves the resolved run config as this module's hyper-parameters, so every
     checkpoint rebuilds its model without the training config at hand.
     """
@@ -82,6 +85,7 @@ class DiffusionModule(L.LightningModule):
         ema_warmup: bool = True,
         compile: bool = False,
         channels_last: bool = False,
+        gradient_checkpointing: bool = False,
         seed: int = 0,
         noise: ShapedNoise | None = None,
         latent: LatentSpace | None = None,
@@ -103,6 +107,8 @@ class DiffusionModule(L.LightningModule):
                 )
         if net.learn_variance != self.loss.learn_variance:
             raise ValueError(f"loss.learn_variance={self.loss.learn_variance}, but the UNet's is {net.learn_variance}")
+        if gradient_checkpointing:  # diffusers' own: activations recomputed in the backward pass, per UNet block
+            net.unet.enable_gradient_checkpointing()
         self.net = net
         self.schedule = schedule
         self.latent = latent
