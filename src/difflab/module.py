@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
+from tqdm.auto import tqdm
 
 from difflab.checkpointing import atomic_write
 from difflab.data.base import training_batches
@@ -377,7 +378,8 @@ class DiffusionModule(L.LightningModule):
 
         The images are samples ``first_index ..`` of the seed's stream, so shares drawn on several
         ranks concatenate to the single-process result. ``labels`` (N,) long; ``guidance`` goes to
-        :meth:`guided_denoiser` (use_ema, guidance_scale, ...).
+        :meth:`guided_denoiser` (use_ema, guidance_scale, ...). ``progress``: one bar over all N images,
+        advanced at every network evaluation.
         """
         if num_samples <= 0:
             raise ValueError(f"num_samples must be a positive integer, got {num_samples}")
@@ -391,14 +393,18 @@ class DiffusionModule(L.LightningModule):
         for net in nets:
             net.eval()
         batches = []
+        bar = tqdm(total=num_samples, desc="sampling", disable=not progress, dynamic_ncols=True,
+                   bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total} images [{elapsed}<{remaining}]")
         for start in range(0, num_samples, batch_size):
             stop = min(start + batch_size, num_samples)
             noise = PerSampleNoise.for_indices(seed, range(first_index + start, first_index + stop), self.device)
             y = None if labels is None else labels[start:stop].to(self.device)
             denoiser = self.guided_denoiser(sampler=sampler, **guidance)  # one per batch: self-conditioning state
-            y0 = sampler(denoiser, self.schedule.alphas_cumprod, noise, self.net.sample_shape, y, progress, self.objective)
+            y0 = sampler(denoiser, self.schedule.alphas_cumprod, noise, self.net.sample_shape, y,
+                         lambda share, n=stop - start: bar.update(min(share * n, num_samples - bar.n)), self.objective)
             x0 = self.noise.to_data(y0)
             batches.append((x0 if self.latent is None else self.latent.decode(x0)).cpu())
+        bar.close()
         for net, mode in zip(nets, modes):
             net.train(mode)
         return torch.cat(batches)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import lightning as L
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ProgressBar
 from omegaconf import DictConfig
 
 from difflab.build import (
@@ -109,6 +110,8 @@ def build_trainer(
     """The trainer of ``cfg`` with its callbacks and loggers, the global batch split over its processes; and the
     preemption signals to forward to ``ddp_spawn`` ranks."""
     callbacks = [instantiate_node(c, f"callbacks.{name}") for name, c in (cfg.get("callbacks") or {}).items() if c]
+    if not cfg.trainer.get("enable_progress_bar", True):  # Lightning refuses a progress callback it was told to omit
+        callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
     loggers = [build_logger(c, Path(cfg.output_dir)) for c in (cfg.get("logger") or {}).values() if c]
     launch = launch_settings(cfg.trainer.get("strategy"))
     launch["plugins"] = [AtomicCheckpointIO(), *launch.get("plugins", [])]
