@@ -71,8 +71,10 @@ def test_evaluate_trains_the_feature_classifier_once_per_dataset(trained_run, tm
 
     def config(name: str):
         cfg = compose("evaluate", [*args, f"output_dir={tmp_path / name}"])
-        cfg.features.fit_overrides = ["trainer.max_steps=4", "trainer.val_check_interval=4", "trainer.limit_val_batches=1",
-                                      "trainer.enable_progress_bar=false", "classifier.net.block_out_channels=[16,32]"]
+        cfg.feature_classifier_overrides = [
+            "trainer.max_steps=4", "trainer.val_check_interval=4", "trainer.limit_val_batches=1",
+            "trainer.enable_progress_bar=false", "classifier.net.block_out_channels=[16,32]",
+        ]
         return cfg
 
     first = evaluate(config("e1"))

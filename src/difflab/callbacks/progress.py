@@ -12,6 +12,10 @@ from lightning.pytorch.callbacks import ProgressBar
 from tqdm.auto import tqdm
 
 
+REFRESH_SECONDS = 0.5
+"""How often the bar's images/s and loss are recomputed."""
+
+
 def clock(seconds: float) -> str:
     """Seconds as H:MM:SS."""
     return str(timedelta(seconds=round(seconds)))
@@ -34,7 +38,7 @@ class RunProgress(ProgressBar):
         self._enabled = True
         self.bar: tqdm | None = None
         self._start_step, self._last_step, self._images = 0, 0, 0
-        self._started = 0.0
+        self._started = self._shown = 0.0
 
     def disable(self) -> None:
         self._enabled = False
@@ -84,12 +88,14 @@ class RunProgress(ProgressBar):
             return
         self._last_step = step
         if self.bar is not None:
-            s = self.status(trainer)
             self.bar.update(step - self.bar.n)
-            self.bar.set_postfix_str(
-                f"{s['images_per_sec']:.0f} img/s" + ("" if s["loss"] is None else f", loss {s['loss']:.4g}"),
-                refresh=True,
-            )
+            now = time.perf_counter()
+            if now - self._shown >= REFRESH_SECONDS or step == trainer.max_steps:  # reading the loss syncs a GPU
+                self._shown = now
+                s = self.status(trainer)
+                self.bar.set_postfix_str(
+                    f"{s['images_per_sec']:.0f} img/s" + ("" if s["loss"] is None else f", loss {s['loss']:.4g}"),
+                )
         elif step % self.every_n_steps == 0 or step == trainer.max_steps:
             print(self.line(trainer), file=self._out(), flush=True)
 

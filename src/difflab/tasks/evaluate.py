@@ -102,7 +102,8 @@ def evaluate(cfg: DictConfig, results_path: Path | None = None) -> dict[str, Any
     plan, features = None, None
     if quality:
         plan = sampling_plan(cfg, sampler, module, device)
-        features = instantiate_node(resolved_features(cfg.features, datamodule_config), "features")
+        overrides = list(cfg.get("feature_classifier_overrides") or [])
+        features = instantiate_node(resolved_features(cfg.features, datamodule_config, overrides), "features")
         try:
             features.check_images(module.net.sample_shape)
         except ValueError as err:

@@ -61,11 +61,9 @@ def cached_feature_classifier(dataset: DictConfig | dict[str, Any], overrides: l
     return run_dir
 
 
-def resolved_features(features: DictConfig, dataset: DictConfig | dict[str, Any]) -> DictConfig:
+def resolved_features(features: DictConfig, dataset: DictConfig | dict[str, Any], overrides: list[str]) -> DictConfig:
     """``features`` ready to build: with ``features=classifier`` and no ``path``, the path of ``dataset``'s cached
-    classifier (trained on first use with ``features.fit_overrides``); that key itself is dropped."""
-    node = OmegaConf.to_container(features, resolve=True)
-    overrides = node.pop("fit_overrides", None) or []
-    if needs_cached_classifier(features):
-        node["path"] = str(cached_feature_classifier(dataset, overrides))
-    return OmegaConf.create(node)
+    classifier (trained on first use with ``overrides`` of conf/feature_classifier.yaml)."""
+    if not needs_cached_classifier(features):
+        return features
+    return OmegaConf.merge(features, {"path": str(cached_feature_classifier(dataset, overrides))})
