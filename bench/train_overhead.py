@@ -1,6 +1,6 @@
 """End-to-end training overhead: the share of `python train.py`'s wall time that is not optimizer steps.
 
-    python bench/train_overhead.py [--rounds 1] [-- OVERRIDE ...]     # default: the default run (1,200 steps)
+    python bench/train_overhead.py [--rounds 1] [--keep DIR] [-- OVERRIDE ...]   # default: the default run (1,200 steps)
 
 Runs ``python train.py`` as a user would (a fresh process: imports, data, model, every default callback, the
 report at the end) with Lightning's SimpleProfiler, and splits the process's wall time into
@@ -55,12 +55,13 @@ IN_STEP_HOOKS = ("on_before_backward", "on_after_backward", "on_before_optimizer
 """Callback hooks Lightning calls inside run_training_batch: overhead nested in a step (the divergence guard's)."""
 
 
-def one_run(overrides: list[str]) -> dict[str, float]:
+def one_run(overrides: list[str], keep: Path | None = None) -> dict[str, float]:
     """Seconds by source of one ``python train.py`` run: ``wall`` (the whole process), ``optimizer steps``, and
     the rest (callbacks by class, validation, startup, end and unattributed) summing to wall - optimizer steps."""
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(tmp) / "profile.json"
-        cmd = [sys.executable, str(ROOT / "train.py"), *overrides, f"hydra.run.dir={tmp}/run",
+        run_dir = keep or Path(tmp) / "run"
+        cmd = [sys.executable, str(ROOT / "train.py"), *overrides, f"hydra.run.dir={run_dir}",
                "+trainer.profiler._target_=bench.train_overhead.JsonProfiler", f"+trainer.profiler.path={report}"]
         started = time.time()
         subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, text=True)
@@ -84,10 +85,11 @@ def one_run(overrides: list[str]) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--keep", type=Path, help="write the (last) run here and keep it (e.g. for bench/sampling_speed.py)")
     parser.add_argument("overrides", nargs="*", help="train.py overrides (after --)")
     args = parser.parse_args()
     for r in range(args.rounds):
-        seconds = one_run(args.overrides)
+        seconds = one_run(args.overrides, args.keep if r == args.rounds - 1 else None)
         wall = seconds.pop("wall")
         steps = seconds.pop("optimizer steps")
         print(f"round {r}: train.py {' '.join(args.overrides) or '(defaults)'}: wall {wall:.1f} s, optimizer steps "

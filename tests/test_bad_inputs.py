@@ -79,6 +79,8 @@ CASES = [
          "dataset gives images of shape (1, 8, 8), expected (3, 8, 8)"),
     case("checkpoint missing (train)", "train", "ckpt_path={tmp}/nope.ckpt",
          "ckpt_path={tmp}/nope.ckpt does not exist", "give a .ckpt file written by an earlier run"),
+    case("sampling precision unknown", "sample", "ckpt={run} precision=fp16",
+         "precision=fp16", "fp32, or bf16"),
     case("checkpoint missing (sample)", "sample", "ckpt={tmp}/nope.ckpt",
          "checkpoint not found: {tmp}/nope.ckpt", "give ckpt= a .ckpt file, or a training run dir"),
     case("checkpoint truncated (train)", "train", "ckpt_path={cut_ckpt}",

@@ -6,7 +6,7 @@ import json
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import torch
@@ -36,6 +36,9 @@ LATENT_FILE = "latent.json"
 """The latent space of a run (VAE path and fingerprint, the scaling factor used) in its run dir."""
 QUARTERS = 4
 """Validation losses are also logged per quarter of the timestep range (improved-diffusion's quartiles)."""
+Precision = Literal["fp32", "bf16"]
+PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16}
+"""The network's precision when sampling: none (float32) or the autocast dtype."""
 
 
 class DiffusionModule(L.LightningModule):
@@ -197,12 +200,16 @@ class DiffusionModule(L.LightningModule):
             state = self.trainer.strategy.broadcast({k: v.cpu() for k, v in self.noise.state_dict().items()}, src=0)
             self.noise.load_state_dict(state)
 
-    def denoiser(self, net: UNetDenoiser) -> PredictionDenoiser:
+    def denoiser(self, net: UNetDenoiser, precision: Precision = "fp32") -> PredictionDenoiser:
         """pred = f(x_t, t, abar_t, y) over ``net`` (the raw or the EMA network), in this model's objective.
 
-        x_t is the sampler's whitened state; the network sees A x_t.
+        x_t is the sampler's whitened state; the network sees A x_t. ``precision="bf16"``: the network under bf16
+        autocast (its output back in float32).
         """
-        return PredictionDenoiser(net, self.objective, None if self.noise.isotropic else self.noise.color)
+        if precision not in PRECISIONS:
+            raise ConfigError(f"precision={precision} is not one of {', '.join(PRECISIONS)}")
+        color = None if self.noise.isotropic else self.noise.color
+        return PredictionDenoiser(net, self.objective, color, PRECISIONS[precision])
 
     def step_generator(self) -> torch.Generator:
         """The generator of this training step's random draws, seeded by (seed, global step, rank, micro-batch)."""
@@ -331,12 +338,13 @@ class DiffusionModule(L.LightningModule):
         classifier: Callable[[Tensor, Tensor], Tensor] | None = None,
         classifier_scale: float = 0.0,
         sampler: Sampler | None = None,
+        precision: Precision = "fp32",
     ) -> Denoiser:
         """pred = f(x_t, t, abar_t, y): the (EMA) network, wrapped in classifier-free and/or classifier guidance.
 
         Classifier guidance takes the mean-shift form for a DDPM ``sampler``, the eps form otherwise.
         """
-        denoiser: Denoiser = self.denoiser(self.ema.module if use_ema else self.net)
+        denoiser: Denoiser = self.denoiser(self.ema.module if use_ema else self.net, precision)
         self.check_guidance_scale(guidance_scale)
         if guidance_scale != 1.0:
             denoiser = ClassifierFreeGuidance(denoiser, guidance_scale, self.null_label, guidance_rescale)
