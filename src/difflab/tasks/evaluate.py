@@ -22,6 +22,7 @@ from difflab.tasks.checks import check_cache_dir, check_sampling_settings
 from difflab.tasks.common import check_counts, checked_out_dir, group_choice, pick_device, show
 from difflab.tasks.feature_classifier import resolved_features
 from difflab.tasks.sample import sampling_plan
+from difflab.tasks.train import train_classifier
 
 
 EVALUATION_METRICS = ("fid", "kid", "nll")
@@ -103,7 +104,8 @@ def evaluate(cfg: DictConfig, results_path: Path | None = None) -> dict[str, Any
     if quality:
         plan = sampling_plan(cfg, sampler, module, device)
         overrides = list(cfg.get("feature_classifier_overrides") or [])
-        features = instantiate_node(resolved_features(cfg.features, datamodule_config, overrides), "features")
+        features = resolved_features(cfg.features, datamodule_config, overrides, train_classifier)
+        features = instantiate_node(features, "features")
         try:
             features.check_images(module.net.sample_shape)
         except ValueError as err:

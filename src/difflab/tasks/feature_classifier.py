@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 from hydra import compose, initialize_config_dir
@@ -16,7 +17,6 @@ from difflab.cache import cache_root
 from difflab.distributed import tensor_digest
 from difflab.metrics import dataset_description
 from difflab.tasks.common import show
-from difflab.tasks.train import train_classifier
 
 CONF = Path(__file__).resolve().parents[3] / "conf"
 CLASSIFIER_FEATURES = "difflab.metrics.ClassifierFeatures.from_checkpoint"
@@ -48,22 +48,26 @@ def classifier_config(dataset: DictConfig | dict[str, Any], overrides: list[str]
     return OmegaConf.merge(cfg, {"dataset": OmegaConf.create(dataset), "output_dir": str(run_dir)})
 
 
-def cached_feature_classifier(dataset: DictConfig | dict[str, Any], overrides: list[str] | None = None) -> Path:
+Fit = Callable[[DictConfig], Any]
+"""difflab.tasks.train.train_classifier (passed in: that module imports this one)."""
+
+
+def cached_feature_classifier(dataset: DictConfig | dict[str, Any], overrides: list[str], fit: Fit) -> Path:
     """The feature classifier run dir of ``dataset`` under ``<cache>/feature_classifier/<fingerprint>``; trained
-    there first (conf/feature_classifier.yaml with ``overrides``) if it holds no finished run."""
-    overrides = list(overrides or [])
+    there first by ``fit`` (conf/feature_classifier.yaml with ``overrides``) if it holds no finished run."""
     run_dir = cache_root() / "feature_classifier" / dataset_fingerprint(dataset, overrides)
     if not (run_dir / "checkpoints" / "last.ckpt").is_file():
         print(f"features:    no feature classifier is cached for this dataset: training one once "
               f"(train_classifier.py --config-name feature_classifier), cached in {show(run_dir)}", flush=True)
-        train_classifier(classifier_config(dataset, overrides, run_dir))
+        fit(classifier_config(dataset, overrides, run_dir))
     print(f"features:    feature classifier {show(run_dir)} (cached by the dataset's fingerprint)", flush=True)
     return run_dir
 
 
-def resolved_features(features: DictConfig, dataset: DictConfig | dict[str, Any], overrides: list[str]) -> DictConfig:
+def resolved_features(features: DictConfig, dataset: DictConfig | dict[str, Any], overrides: list[str], fit: Fit
+                      ) -> DictConfig:
     """``features`` ready to build: with ``features=classifier`` and no ``path``, the path of ``dataset``'s cached
-    classifier (trained on first use with ``overrides`` of conf/feature_classifier.yaml)."""
+    classifier (trained on first use by ``fit`` with ``overrides`` of conf/feature_classifier.yaml)."""
     if not needs_cached_classifier(features):
         return features
-    return OmegaConf.merge(features, {"path": str(cached_feature_classifier(dataset, overrides))})
+    return OmegaConf.merge(features, {"path": str(cached_feature_classifier(dataset, overrides, fit))})
