@@ -6,9 +6,10 @@ from omegaconf import DictConfig
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="sample")
 def main(cfg: DictConfig) -> None:
-    from difflab.tasks import sample  # imported here so --help and config errors answer at once
+    from difflab.tasks import sample
+    from difflab.tasks.console import run_task  # imported here so --help and config errors answer at once
 
-    sample(cfg)
+    run_task(sample, cfg)
 
 
 if __name__ == "__main__":

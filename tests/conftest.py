@@ -37,6 +37,16 @@ TINY_TRAIN = [
 ]
 
 
+def pytest_collection_modifyitems(config, items) -> None:
+    """Tests marked ``gpu`` are skipped on machines without CUDA."""
+    import torch
+
+    if not torch.cuda.is_available():
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(pytest.mark.skip(reason="needs a CUDA device"))
+
+
 def run_script(script: str, *overrides: str, cwd: Path = ROOT, check: bool = True) -> subprocess.CompletedProcess:
     """Run train.py / sample.py as a user would, from the repo root; returns the finished process."""
     proc = subprocess.run(

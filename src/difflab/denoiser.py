@@ -62,16 +62,25 @@ class PredictionDenoiser:
     """pred = f(x_t, t, abar_t, y): the network's output read as a :class:`Prediction` of ``objective``.
 
     ``color`` maps the sampler's (white) state to the network's input (shaped noise: x = A y; None:
-    the identity). With a learned variance the output's second half is v in [-1, 1] and
+    the identity). ``autocast``: the network's dtype under autocast (sampling in bf16). With a learned variance the output's second half is v in [-1, 1] and
     nu = (v + 1) / 2 (improved-diffusion). With self-conditioning (Chen et al. 2022) the network also
     sees the previous call's x0_hat (zeros at the first call): one instance serves one sampling run.
     """
 
     def __init__(
-        self, net: UNetDenoiser, objective: Objective, color: Callable[[Tensor], Tensor] | None = None
+        self, net: UNetDenoiser, objective: Objective, color: Callable[[Tensor], Tensor] | None = None,
+        autocast: torch.dtype | None = None,
     ) -> None:
-        self.net, self.objective, self.color = net, objective, color
+        self.net, self.objective, self.color, self.autocast = net, objective, color, autocast
         self.previous_x0: Tensor | None = None
+
+    def network(self, x: Tensor, t: Tensor, y: Tensor | None) -> Tensor:
+        """The raw output in float32; with ``autocast`` (bf16) only the network runs in that precision, the
+        sampler's schedule math around it stays float64 / float32."""
+        if self.autocast is None:
+            return self.net(x, t, y)
+        with torch.autocast(x.device.type, dtype=self.autocast):
+            return self.net(x, t, y).float()
 
     def network_input(self, x_t: Tensor, x0_self_cond: Tensor | None = None) -> Tensor:
         """What the UNet sees: color(x_t), and with self-conditioning color(x0_hat) beside it (zeros if None)."""
@@ -91,7 +100,7 @@ class PredictionDenoiser:
 
     def __call__(self, x_t: Tensor, t: Tensor, abar_t: Tensor, y: Tensor | None) -> Prediction:
         previous = self.previous_x0 if self.previous_x0 is not None and len(self.previous_x0) == len(x_t) else None
-        pred = self.read(self.net(self.network_input(x_t, previous), t, y), x_t, abar_t)
+        pred = self.read(self.network(self.network_input(x_t, previous), t, y), x_t, abar_t)
         if self.net.self_condition:
             self.previous_x0 = pred.x0.detach()
         return pred

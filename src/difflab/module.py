@@ -6,13 +6,14 @@ import json
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
+from tqdm.auto import tqdm
 
 from difflab.checkpointing import atomic_write
 from difflab.data.base import training_batches
@@ -35,6 +36,9 @@ LATENT_FILE = "latent.json"
 """The latent space of a run (VAE path and fingerprint, the scaling factor used) in its run dir."""
 QUARTERS = 4
 """Validation losses are also logged per quarter of the timestep range (improved-diffusion's quartiles)."""
+Precision = Literal["fp32", "bf16"]
+PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16}
+"""The network's precision when sampling: none (float32) or the autocast dtype."""
 
 
 class DiffusionModule(L.LightningModule):
@@ -65,6 +69,9 @@ class DiffusionModule(L.LightningModule):
     generator seeded by (``seed``, step, rank, micro-batch): ranks draw independent noise, and a
     resumed run draws exactly what an uninterrupted one would.
 
+    ``gradient_checkpointing`` recomputes the UNet's activations block by block in the backward pass (diffusers'
+    ``enable_gradient_checkpointing``): the same gradients for less memory (docs/benchmarks.md).
+
     :func:`difflab.build.build_module` saves the resolved run config as this module's hyper-parameters, so every
     checkpoint rebuilds its model without the training config at hand.
     """
@@ -82,6 +89,7 @@ class DiffusionModule(L.LightningModule):
         ema_warmup: bool = True,
         compile: bool = False,
         channels_last: bool = False,
+        gradient_checkpointing: bool = False,
         seed: int = 0,
         noise: ShapedNoise | None = None,
         latent: LatentSpace | None = None,
@@ -103,6 +111,8 @@ class DiffusionModule(L.LightningModule):
                 )
         if net.learn_variance != self.loss.learn_variance:
             raise ValueError(f"loss.learn_variance={self.loss.learn_variance}, but the UNet's is {net.learn_variance}")
+        if gradient_checkpointing:  # diffusers' own: activations recomputed in the backward pass, per UNet block
+            net.unet.enable_gradient_checkpointing()
         self.net = net
         self.schedule = schedule
         self.latent = latent
@@ -190,12 +200,16 @@ class DiffusionModule(L.LightningModule):
             state = self.trainer.strategy.broadcast({k: v.cpu() for k, v in self.noise.state_dict().items()}, src=0)
             self.noise.load_state_dict(state)
 
-    def denoiser(self, net: UNetDenoiser) -> PredictionDenoiser:
+    def denoiser(self, net: UNetDenoiser, precision: Precision = "fp32") -> PredictionDenoiser:
         """pred = f(x_t, t, abar_t, y) over ``net`` (the raw or the EMA network), in this model's objective.
 
-        x_t is the sampler's whitened state; the network sees A x_t.
+        x_t is the sampler's whitened state; the network sees A x_t. ``precision="bf16"``: the network under bf16
+        autocast (its output back in float32).
         """
-        return PredictionDenoiser(net, self.objective, None if self.noise.isotropic else self.noise.color)
+        if precision not in PRECISIONS:
+            raise ConfigError(f"precision={precision} is not one of {', '.join(PRECISIONS)}")
+        color = None if self.noise.isotropic else self.noise.color
+        return PredictionDenoiser(net, self.objective, color, PRECISIONS[precision])
 
     def step_generator(self) -> torch.Generator:
         """The generator of this training step's random draws, seeded by (seed, global step, rank, micro-batch)."""
@@ -324,12 +338,13 @@ class DiffusionModule(L.LightningModule):
         classifier: Callable[[Tensor, Tensor], Tensor] | None = None,
         classifier_scale: float = 0.0,
         sampler: Sampler | None = None,
+        precision: Precision = "fp32",
     ) -> Denoiser:
         """pred = f(x_t, t, abar_t, y): the (EMA) network, wrapped in classifier-free and/or classifier guidance.
 
         Classifier guidance takes the mean-shift form for a DDPM ``sampler``, the eps form otherwise.
         """
-        denoiser: Denoiser = self.denoiser(self.ema.module if use_ema else self.net)
+        denoiser: Denoiser = self.denoiser(self.ema.module if use_ema else self.net, precision)
         self.check_guidance_scale(guidance_scale)
         if guidance_scale != 1.0:
             denoiser = ClassifierFreeGuidance(denoiser, guidance_scale, self.null_label, guidance_rescale)
@@ -371,7 +386,8 @@ class DiffusionModule(L.LightningModule):
 
         The images are samples ``first_index ..`` of the seed's stream, so shares drawn on several
         ranks concatenate to the single-process result. ``labels`` (N,) long; ``guidance`` goes to
-        :meth:`guided_denoiser` (use_ema, guidance_scale, ...).
+        :meth:`guided_denoiser` (use_ema, guidance_scale, ...). ``progress``: one bar over all N images,
+        advanced at every network evaluation.
         """
         if num_samples <= 0:
             raise ValueError(f"num_samples must be a positive integer, got {num_samples}")
@@ -385,14 +401,18 @@ class DiffusionModule(L.LightningModule):
         for net in nets:
             net.eval()
         batches = []
+        bar = tqdm(total=num_samples, desc="sampling", disable=not progress, dynamic_ncols=True,
+                   bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total} images [{elapsed}<{remaining}]")
         for start in range(0, num_samples, batch_size):
             stop = min(start + batch_size, num_samples)
             noise = PerSampleNoise.for_indices(seed, range(first_index + start, first_index + stop), self.device)
             y = None if labels is None else labels[start:stop].to(self.device)
             denoiser = self.guided_denoiser(sampler=sampler, **guidance)  # one per batch: self-conditioning state
-            y0 = sampler(denoiser, self.schedule.alphas_cumprod, noise, self.net.sample_shape, y, progress, self.objective)
+            y0 = sampler(denoiser, self.schedule.alphas_cumprod, noise, self.net.sample_shape, y,
+                         lambda share, n=stop - start: bar.update(min(share * n, num_samples - bar.n)), self.objective)
             x0 = self.noise.to_data(y0)
             batches.append((x0 if self.latent is None else self.latent.decode(x0)).cpu())
+        bar.close()
         for net, mode in zip(nets, modes):
             net.train(mode)
         return torch.cat(batches)

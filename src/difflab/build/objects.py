@@ -75,6 +75,7 @@ def build_module(cfg: DictConfig) -> DiffusionModule:
         raise ConfigError("conditioning=class needs conditioning.num_classes (taken from a dataset with classes)")
     loss = instantiate_node(cfg.loss, "loss")
     conditioning = instantiate_node(cfg.conditioning, "conditioning", _convert_="all")
+    check_cross_attention(cfg, conditioning.unet_config())
     self_condition = bool(OmegaConf.select(cfg, "model.net.self_condition", default=False))
     unet: dict[str, Any] = {
         "sample_size": size,
@@ -93,6 +94,22 @@ def build_module(cfg: DictConfig) -> DiffusionModule:
     )
     module.save_hyperparameters({"run_config": OmegaConf.to_container(cfg, resolve=True)})
     return module
+
+
+CROSS_ATTENTION_UNETS = ("diffusers.UNet2DConditionModel",)
+"""UNets that cross-attend to an encoder's hidden states: only a conditioning that provides them can drive one."""
+
+
+def check_cross_attention(cfg: DictConfig, unet_config: dict[str, Any]) -> None:
+    """Refuse a cross-attention UNet (model=sd_small) under a conditioning that gives it nothing to attend to: a
+    text conditioning names its encoder's width as ``cross_attention_dim`` in its ``unet_config()``."""
+    target = OmegaConf.select(cfg, "model.net.unet._target_")
+    if target in CROSS_ATTENTION_UNETS and "cross_attention_dim" not in unet_config:
+        raise ConfigError(
+            f"model.net.unet._target_={target} (model=sd_small) cross-attends to text: it needs conditioning=text, "
+            f"got conditioning {cfg.conditioning._target_}; for conditioning=none or class use model=small, tiny, "
+            "ddpm_cifar10, ddpm_256 or adm64"
+        )
 
 
 def build_classifier(cfg: DictConfig) -> ClassifierModule:

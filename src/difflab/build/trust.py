@@ -18,6 +18,7 @@ from difflab.errors import ConfigError
 BUILDABLE = frozenset({
     # model (conf/model), its network and the UNet / VAE classes of diffusers it names
     "difflab.module.DiffusionModule", "difflab.denoiser.UNetDenoiser", "diffusers.UNet2DModel",
+    "diffusers.UNet2DConditionModel",
     "diffusers.AutoencoderKL", "difflab.vae.VAEModule",
     # schedule, loss, conditioning, optimizer, lr_scheduler
     "difflab.schedule.NoiseSchedule.linear", "difflab.schedule.NoiseSchedule.cosine",

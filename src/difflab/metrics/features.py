@@ -76,8 +76,15 @@ class ClassifierFeatures(FeatureExtractor):
         self.fingerprint = f"ClassifierFeatures/v1 input={c}x{h}x{w} resize={self.RESIZE} weights_sha256={weights}"
 
     @classmethod
-    def from_checkpoint(cls, path: str | os.PathLike) -> ClassifierFeatures:
+    def from_checkpoint(cls, path: str | os.PathLike | None) -> ClassifierFeatures:
         """The features of a ``train_classifier.py`` checkpoint (a ``.ckpt`` file or a run dir), loaded weights-only."""
+        if path is None:  # evaluate.py fills it in (difflab.tasks.feature_classifier); training cannot wait for that
+            raise ConfigError(
+                "features=classifier with features.path=null: only evaluate.py trains and caches the dataset's feature "
+                "classifier by itself; give features.path=DIR (python train_classifier.py --config-name "
+                "feature_classifier writes outputs/feature_classifier/latest), or run evaluate.py once and give the "
+                "cache dir it prints"
+            )
         try:
             classifier = load_classifier(path)
         except ConfigError as err:

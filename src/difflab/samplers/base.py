@@ -19,7 +19,6 @@ from typing import Protocol
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from difflab.seeding import PerSampleNoise
 from difflab.objectives import Objective, Prediction
@@ -46,14 +45,20 @@ class Stepper(Protocol):
 
 
 def sample_loop(
-    denoiser: Denoiser, stepper: Stepper, x: Tensor, y: Tensor | None = None, progress: bool = False
+    denoiser: Denoiser, stepper: Stepper, x: Tensor, y: Tensor | None = None,
+    on_step: Callable[[float], object] | None = None,
 ) -> Tensor:
-    """For each evaluation i: (x_t, t, abar_t) = stepper.model_input(i, x); x = stepper.step(i, x, denoiser(x_t, t, abar_t, y))."""
+    """For each evaluation i: (x_t, t, abar_t) = stepper.model_input(i, x); x = stepper.step(i, x, denoiser(x_t, t, abar_t, y)).
+
+    ``on_step(1 / num_evals)`` after each evaluation: the share of the walk done (a progress bar's update).
+    """
     batch = x.shape[0]
-    for i in tqdm(range(stepper.num_evals), desc="sampling", disable=not progress, leave=False):
+    for i in range(stepper.num_evals):
         x_t, t, abar_t = stepper.model_input(i, x)
         pred = denoiser(x_t, t.to(x.device).expand(batch), abar_t.to(x.device).expand(batch), y)
         x = stepper.step(i, x, pred)
+        if on_step is not None:
+            on_step(1 / stepper.num_evals)
     return x
 
 
@@ -118,18 +123,18 @@ class Sampler:
         noise: PerSampleNoise,
         shape: Sequence[int],
         y: Tensor | None = None,
-        progress: bool = False,
+        on_step: Callable[[float], object] | None = None,
         objective: Objective = "eps",
     ) -> Tensor:
         """Draw len(noise) samples of ``shape`` (C, H, W) from white noise; returns (N, C, H, W).
 
         ``objective`` is what the denoiser's network predicts; samplers that take a prediction type
-        (diffusers') get the prediction in that objective.
+        (diffusers') get the prediction in that objective. ``on_step``: see :func:`sample_loop`.
         """
         if self.shapes_x0:
             denoiser = X0Clipping(denoiser, self.dynamic_threshold)
         stepper = self.stepper(alphas_cumprod.to(noise.device), noise, objective)
-        return sample_loop(denoiser, stepper, stepper.start(noise.randn(shape)), y, progress)
+        return sample_loop(denoiser, stepper, stepper.start(noise.randn(shape)), y, on_step)
 
 
 class PairStepper:

@@ -166,9 +166,13 @@ def check_training_settings(cfg: DictConfig) -> None:
 
 def check_sampling_settings(cfg: DictConfig) -> None:
     """Refuse bad settings of sample.py and evaluate.py that need no checkpoint to judge: the seed, guidance
-    scales that are not finite, and an empty list of labels."""
+    scales that are not finite, an empty list of labels, an unknown precision or batch size."""
     check_seed(cfg.seed)
     check_finite(cfg, "guidance_scale", "guidance_rescale", "classifier_scale")
+    if cfg.get("precision", "fp32") not in ("fp32", "bf16"):
+        raise ConfigError(f"precision={cfg.precision} is not allowed: fp32, or bf16 (the UNet under bf16 autocast)")
+    if isinstance(cfg.batch_size, str) and cfg.batch_size != "auto":
+        raise ConfigError(f"batch_size={cfg.batch_size} is not allowed: a positive integer, or auto")
     if not 0 <= cfg.guidance_rescale <= 1:
         raise ConfigError(f"guidance_rescale={cfg.guidance_rescale} is not allowed: it must lie in [0, 1] (0: off)")
     if OmegaConf.is_list(cfg.labels) and len(cfg.labels) == 0:

@@ -20,7 +20,9 @@ from difflab.module import DiffusionModule
 from difflab.summarize import RESULTS_FILE
 from difflab.tasks.checks import check_cache_dir, check_sampling_settings
 from difflab.tasks.common import check_counts, checked_out_dir, group_choice, pick_device, show
+from difflab.tasks.feature_classifier import resolved_features
 from difflab.tasks.sample import sampling_plan
+from difflab.tasks.train import train_classifier
 
 
 EVALUATION_METRICS = ("fid", "kid", "nll")
@@ -95,12 +97,15 @@ def evaluate(cfg: DictConfig, results_path: Path | None = None) -> dict[str, Any
     device = pick_device(cfg.device)
     ckpt = resolve_checkpoint(cfg.ckpt)
     module = load_checkpoint(ckpt, cfg.get("vae_path")).to(device)
-    datamodule = instantiate_node(module.hparams["run_config"]["dataset"], "dataset")  # the data it was trained on
+    datamodule_config = module.hparams["run_config"]["dataset"]  # the data it was trained on
+    datamodule = instantiate_node(datamodule_config, "dataset")
     num_timesteps = module.schedule.num_timesteps
     plan, features = None, None
     if quality:
         plan = sampling_plan(cfg, sampler, module, device)
-        features = instantiate_node(cfg.features, "features")
+        overrides = list(cfg.get("feature_classifier_overrides") or [])
+        features = resolved_features(cfg.features, datamodule_config, overrides, train_classifier)
+        features = instantiate_node(features, "features")
         try:
             features.check_images(module.net.sample_shape)
         except ValueError as err:

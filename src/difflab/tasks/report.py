@@ -13,7 +13,9 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from difflab.errors import ConfigError
 from difflab.tasks.common import show, sweep_name
+from difflab.tasks.console import run_task
 from difflab.tasks.sweep import dry_run, finished, mark_done, trains
 
 log = logging.getLogger(__name__)
@@ -25,8 +27,13 @@ def run_job(fit: Callable[[DictConfig], dict[str, float]], cfg: DictConfig) -> f
     A fitting job whose run dir holds a matching completion marker (:mod:`~difflab.tasks.sweep`) is skipped and
     returns the recorded metric; one that reaches ``trainer.max_steps`` writes the marker. ``dry_run=true``
     checks the job instead of running it. A failure is written to the job's log (``<run dir>/<task>.log``)
-    before it propagates, so a failed job of a sweep is recorded in its own dir while Hydra goes on with the others.
+    before it propagates, so a failed job of a sweep is recorded in its own dir while Hydra goes on with the others;
+    a ConfigError of a single run ends it with its message alone (:func:`~difflab.tasks.console.run_task`).
     """
+    return run_task(lambda c: _run_job(fit, c), cfg)
+
+
+def _run_job(fit: Callable[[DictConfig], dict[str, float]], cfg: DictConfig) -> float | None:
     if cfg.get("dry_run"):
         return dry_run(fit, cfg)
     try:
@@ -40,7 +47,8 @@ def run_job(fit: Callable[[DictConfig], dict[str, float]], cfg: DictConfig) -> f
             if trains(cfg):
                 mark_done(cfg, metrics)
     except Exception as err:
-        log.error("job failed: %s: %s", type(err).__name__, err)
+        if sweep_name() or not isinstance(err, ConfigError):  # a single run's ConfigError is shown once, by run_task
+            log.error("job failed: %s: %s", type(err).__name__, err)
         raise
     name = cfg.get("optimized_metric")
     if name and name not in metrics and sweep_name():
@@ -85,7 +93,7 @@ def report_training(run_dir: Path, metrics: dict[str, float], cfg: DictConfig) -
     if (run_dir / "vae" / "config.json").is_file():
         lines.append(f"vae:         {show(run_dir / 'vae')}")
     lines += [f"{k}: {v:.4f}" for k, v in sorted(metrics.items()) if k.startswith(("val/", "eval/"))]
-    if default_single_run():
+    if default_single_run(run_dir):
         latest = link_latest(run_dir)
         if latest:
             shown = show(latest)
@@ -94,13 +102,15 @@ def report_training(run_dir: Path, metrics: dict[str, float], cfg: DictConfig) -
     print("\n".join(lines), flush=True)
 
 
-def default_single_run() -> bool:
-    """A single (not -m) Hydra run whose run dir is the config's own, not one the user picked."""
+def default_single_run(run_dir: Path) -> bool:
+    """``run_dir`` is the run dir of a single (not -m) Hydra run, the config's own, not one the user picked (nor a
+    run another task started inside it, such as evaluate.py's feature classifier)."""
     if not HydraConfig.initialized():
         return False
     hydra_cfg = HydraConfig.get()
     picked = any(o.startswith("hydra.run.dir=") for o in hydra_cfg.overrides.hydra)
-    return hydra_cfg.mode == RunMode.RUN and not picked
+    own = Path(hydra_cfg.runtime.output_dir).resolve() == run_dir.resolve()
+    return hydra_cfg.mode == RunMode.RUN and not picked and own
 
 
 def link_latest(run_dir: Path) -> Path | None:

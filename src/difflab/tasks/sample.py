@@ -29,10 +29,12 @@ class SamplingPlan:
     guidance: dict[str, Any]
     class_names: list[str]
 
+    batch_size: int = 64
+
     def draw(self, module: DiffusionModule, cfg: DictConfig) -> torch.Tensor:
-        """The plan's images (N, C, H, W) in [-1, 1] from ``cfg.seed``, ``cfg.batch_size`` at a time."""
+        """The plan's images (N, C, H, W) in [-1, 1] from ``cfg.seed``, ``batch_size`` at a time."""
         return module.generate(
-            self.sampler, self.num_samples, cfg.seed, cfg.batch_size, labels=self.labels, progress=cfg.progress,
+            self.sampler, self.num_samples, cfg.seed, self.batch_size, labels=self.labels, progress=cfg.progress,
             **self.guidance,
         )
 
@@ -70,7 +72,44 @@ def sampling_plan(cfg: DictConfig, sampler: Sampler, module: DiffusionModule, de
         guidance |= {"classifier": classifier.net, "classifier_scale": cfg.classifier_scale}
     labels = sample_labels(cfg, num_classes, class_names, source)
     num_samples = cfg.num_samples if labels is None else len(labels)
-    return SamplingPlan(sampler, labels, num_samples, guidance, class_names)
+    guidance["precision"] = cfg.get("precision", "fp32")
+    net = module.ema.module if cfg.use_ema else module.net
+    if cfg.get("channels_last"):
+        net.to(memory_format=torch.channels_last)
+    if cfg.get("compile") and getattr(net.unet, "_compiled_call_impl", None) is None:
+        net.unet.compile()  # in place: a minute of compiling on the first batch (and for a smaller last one)
+    batch_size = cfg.batch_size
+    if batch_size == "auto":
+        batch_size = auto_batch_size(module, net, num_samples, device)
+        print(f"batch size:  {batch_size} (batch_size=auto)", flush=True)
+    return SamplingPlan(sampler, labels, num_samples, guidance, class_names, batch_size)
+
+
+AUTO_CPU_BATCH = 256
+"""batch_size=auto on a CPU: larger batches only cost memory there."""
+
+
+def auto_batch_size(module: DiffusionModule, net: Any, num_samples: int, device: torch.device) -> int:
+    """The largest power-of-two batch (at most ``num_samples``) whose network evaluation fits in the CUDA device's
+    memory, found by trying doubling batches (a network call uses the most memory of a sampling step); on a CPU
+    min(num_samples, AUTO_CPU_BATCH). Samples do not depend on the batch size (their noise is per sample)."""
+    if device.type != "cuda":
+        return min(num_samples, AUTO_CPU_BATCH)
+    shape, fits = net.sample_shape, 1
+    in_channels = net.unet.config.in_channels
+    while fits < num_samples:
+        trial = min(2 * fits, num_samples)
+        try:
+            with torch.no_grad():
+                x = torch.zeros(trial, in_channels, *shape[1:], device=device)
+                y = torch.zeros(trial, dtype=torch.long, device=device) if module.num_classes else None
+                net(x, torch.zeros(trial, dtype=torch.long, device=device), y)
+        except torch.cuda.OutOfMemoryError:
+            break
+        finally:
+            torch.cuda.empty_cache()
+        fits = trial
+    return fits
 
 
 def sample_labels(cfg: DictConfig, num_classes: int | None, class_names: list[str], source: str) -> torch.Tensor | None:
@@ -99,8 +138,8 @@ def sample_labels(cfg: DictConfig, num_classes: int | None, class_names: list[st
 
 def sample(cfg: DictConfig) -> dict[str, Any]:
     """Sample ``cfg.num_samples`` images from ``cfg.ckpt``; writes samples.npz (arr_0: uint8 NHWC, arr_1: labels) and grid.png."""
-    check_counts(cfg, "num_samples", "batch_size")
     check_sampling_settings(cfg)
+    check_counts(cfg, "num_samples", *(() if cfg.batch_size == "auto" else ("batch_size",)))
     out_dir = checked_out_dir(cfg, ("samples.npz", "grid.png"))
     sampler = instantiate_node(cfg.sampler, "sampler")
     device = pick_device(cfg.device)

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import lightning as L
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from lightning.pytorch.callbacks import ProgressBar
+from omegaconf import DictConfig, OmegaConf
 
 from difflab.build import (
     build_autoencoder,
@@ -28,6 +29,7 @@ from difflab.module import DiffusionModule
 from difflab.run_lock import RunDirLock
 from difflab.tasks.checks import check_training_settings
 from difflab.tasks.common import show
+from difflab.tasks.feature_classifier import resolved_features
 from difflab.tasks.report import build_logger, report_training
 from difflab.tasks.resume import resume_from
 from difflab.vae import latent_shape
@@ -52,6 +54,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
         datamodule.serve_latents(train_latents, val_latents)
         print(f"latent cache: {show(path)}", flush=True)
     module.check_sampler(instantiate_node(cfg.sampler, "sampler"))  # the sampler of the training-time grids
+    if OmegaConf.select(cfg, "callbacks.evaluation") and not cfg.get("dry_run"):  # in-training FID: its features
+        features = resolved_features(cfg.features, cfg.dataset, [], train_classifier)
+        cfg = OmegaConf.merge(cfg, {"features": features})
     with warnings.catch_warnings():
         if module.latent is not None:  # the frozen VAE stays in eval mode on purpose
             warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training")
@@ -109,6 +114,8 @@ def build_trainer(
     """The trainer of ``cfg`` with its callbacks and loggers, the global batch split over its processes; and the
     preemption signals to forward to ``ddp_spawn`` ranks."""
     callbacks = [instantiate_node(c, f"callbacks.{name}") for name, c in (cfg.get("callbacks") or {}).items() if c]
+    if not cfg.trainer.get("enable_progress_bar", True):  # Lightning refuses a progress callback it was told to omit
+        callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
     loggers = [build_logger(c, Path(cfg.output_dir)) for c in (cfg.get("logger") or {}).values() if c]
     launch = launch_settings(cfg.trainer.get("strategy"))
     launch["plugins"] = [AtomicCheckpointIO(), *launch.get("plugins", [])]
