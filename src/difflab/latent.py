@@ -29,7 +29,8 @@ from torch import Tensor, nn
 
 from difflab.cache import cache_root
 from difflab.checkpointing import atomic_write
-from difflab.data.base import InMemoryDataModule, TensorImages
+from difflab.data.base import ImageDataModule
+from difflab.data.images import TensorImages
 from difflab.distributed import tensor_digest
 from difflab.errors import ConfigError
 from difflab.vae import Posterior, encode_latents, latent_shape, load_vae, vae_fingerprint
@@ -135,10 +136,10 @@ def _ignore_vae_keys(module: LatentSpace, incompatible_keys: Any) -> None:
 
 
 def cached_latents(
-    datamodule: InMemoryDataModule, latent: LatentSpace, seed: int = 0
+    datamodule: ImageDataModule, latent: LatentSpace, seed: int = 0
 ) -> tuple[Path, TensorImages, TensorImages]:
     """The unscaled latents of ``datamodule``'s training and validation images from a cache file (encoding once):
-    (the file, train latents, val latents), for :meth:`~difflab.data.base.InMemoryDataModule.serve_latents`.
+    (the file, train latents, val latents), for :meth:`~difflab.data.base.ImageDataModule.serve_latents`.
 
     The file is named by a fingerprint of the VAE, the images of both splits, the posterior mode and the
     seed of its samples, and it stores that manifest: a file that does not match is rebuilt. With hflip, the

@@ -43,7 +43,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     datamodule.setup("fit")  # bad data fails here, before a trainer or any output exists
     cfg = training_config(cfg, list(datamodule.class_names))
     module = build_module(cfg)
-    data_shape = tuple(datamodule.train_set.images.shape[1:])
+    data_shape = datamodule.image_shape
     if data_shape != module.image_shape:
         raise ConfigError(f"the dataset's images are {data_shape} but the model expects {module.image_shape}")
     module.noise.check_num_samples(len(datamodule.train_set))
@@ -76,7 +76,7 @@ def train_vae(cfg: DictConfig) -> dict[str, float]:
     datamodule = instantiate_node(cfg.dataset, "dataset")
     datamodule.setup("fit")
     module = build_autoencoder(cfg)
-    latent_shape(module.vae, datamodule.train_set.images.shape[1:])  # channels and size checked before training
+    latent_shape(module.vae, datamodule.image_shape)  # channels and size checked before training
     return fit(cfg, module, datamodule)
 
 
