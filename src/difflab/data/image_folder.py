@@ -56,7 +56,7 @@ def _no_pillow_pixel_limit() -> Iterator[None]:
         Image.MAX_IMAGE_PIXELS = saved
 
 
-def _on_8bit_scale(img: Image.Image, full: float, path: Path) -> Image.Image:
+def _on_8bit_scale(img: Image.Image, full: float, path: object) -> Image.Image:
     """A high-bit-depth image as mode F on the 8-bit scale [0, 255] (white ``full`` -> 255)."""
     x = np.asarray(img, dtype=np.float32)
     if not np.all((x >= 0) & (x <= full)):
@@ -67,34 +67,42 @@ def _on_8bit_scale(img: Image.Image, full: float, path: Path) -> Image.Image:
     return Image.fromarray(x * np.float32(255 / full))
 
 
-def load_image(path: Path, resolution: int, channels: int, max_image_pixels: int = PILLOW_MAX_IMAGE_PIXELS) -> Tensor:
-    """One image, upright, resized (shorter side) and centre-cropped to resolution^2, as (C, H, W) in [-1, 1].
+def too_many_pixels(width: int, height: int, max_image_pixels: int) -> str | None:
+    """Why an image of width x height is refused as a decompression bomb, or None if it is within the limit."""
+    if width * height <= max_image_pixels:
+        return None
+    return (
+        f"has {width}x{height} = {width * height} pixels, more than dataset.max_image_pixels={max_image_pixels} "
+        f"(the decompression-bomb limit, by default Pillow's PIL.Image.MAX_IMAGE_PIXELS={PILLOW_MAX_IMAGE_PIXELS}): "
+        "if you trust the file, raise dataset.max_image_pixels above its pixel count, or shrink the image"
+    )
 
-    An image of more than ``max_image_pixels`` pixels is refused before it is decoded (a decompression bomb).
-    """
-    try:
-        with _no_pillow_pixel_limit(), Image.open(path) as img:
-            if img.width * img.height > max_image_pixels:
-                raise ConfigError(
-                    f"image {path} has {img.width}x{img.height} = {img.width * img.height} pixels, more than "
-                    f"dataset.max_image_pixels={max_image_pixels} (the decompression-bomb limit, by default Pillow's "
-                    f"PIL.Image.MAX_IMAGE_PIXELS={PILLOW_MAX_IMAGE_PIXELS}): if you trust the file, raise "
-                    "dataset.max_image_pixels above its pixel count, or shrink the image"
-                )
-            img = ImageOps.exif_transpose(img)
-            full = _full_scale(img.mode)
-            img = _on_8bit_scale(img, full, path) if full else img.convert("L" if channels == 1 else "RGB")
-            img = ImageOps.fit(img, (resolution, resolution), method=Image.Resampling.BICUBIC)
-    except (UnidentifiedImageError, OSError) as err:
-        raise ConfigError(
-            f"cannot read image {path}: {err} (every file with an image extension under dataset.path must be an "
-            "image file PIL can open: remove or replace it)"
-        ) from err
+
+def image_tensor(img: Image.Image, resolution: int, channels: int, name: object) -> Tensor:
+    """An opened image upright, in ``channels``, resized (shorter side) and centre-cropped: (C, H, W) in [-1, 1]."""
+    img = ImageOps.exif_transpose(img)
+    full = _full_scale(img.mode)
+    img = _on_8bit_scale(img, full, name) if full else img.convert("L" if channels == 1 else "RGB")
+    img = ImageOps.fit(img, (resolution, resolution), method=Image.Resampling.BICUBIC)
     x = np.asarray(img, dtype=np.float32)
     if x.ndim == 2 and channels == 3:  # a high-bit-depth gray image: gray to RGB copies it, as Pillow's convert does
         x = np.repeat(x[:, :, None], 3, axis=2)
     x = torch.from_numpy(np.clip(x, 0, 255)).reshape(resolution, resolution, channels)  # clip: bicubic overshoot
     return x.permute(2, 0, 1) / 127.5 - 1
+
+
+def load_image(path: Path, resolution: int, channels: int, max_image_pixels: int = PILLOW_MAX_IMAGE_PIXELS) -> Tensor:
+    """One image file as :func:`image_tensor`; more than ``max_image_pixels`` pixels are refused before decoding."""
+    try:
+        with _no_pillow_pixel_limit(), Image.open(path) as img:
+            if problem := too_many_pixels(img.width, img.height, max_image_pixels):
+                raise ConfigError(f"image {path} {problem}")
+            return image_tensor(img, resolution, channels, path)
+    except (UnidentifiedImageError, OSError) as err:
+        raise ConfigError(
+            f"cannot read image {path}: {err} (every file with an image extension under dataset.path must be an "
+            "image file PIL can open: remove or replace it)"
+        ) from err
 
 
 def _listing(names: list[str]) -> str:
@@ -111,12 +119,8 @@ def header_problem(path: Path, resolution: int, max_image_pixels: int, upscale: 
             width, height = img.size
     except (UnidentifiedImageError, OSError) as err:
         return f"is not an image PIL can open ({err})"
-    if width * height > max_image_pixels:
-        return (
-            f"has {width}x{height} = {width * height} pixels, more than dataset.max_image_pixels={max_image_pixels} "
-            f"(the decompression-bomb limit, by default Pillow's PIL.Image.MAX_IMAGE_PIXELS={PILLOW_MAX_IMAGE_PIXELS})"
-            ": if you trust the file, raise dataset.max_image_pixels above its pixel count, or shrink the image"
-        )
+    if problem := too_many_pixels(width, height, max_image_pixels):
+        return problem
     if min(width, height) < resolution and not upscale:
         return (
             f"is {width}x{height}, smaller than dataset.resolution={resolution} on its shorter side: lower "
