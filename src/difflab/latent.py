@@ -135,6 +135,21 @@ def _ignore_vae_keys(module: LatentSpace, incompatible_keys: Any) -> None:
     incompatible_keys.missing_keys[:] = [k for k in incompatible_keys.missing_keys if ".vae." not in f".{k}"]
 
 
+def use_stored_latents(latent: LatentSpace | None, stored: dict[str, Any]) -> None:
+    """Train ``latent`` on latents a source stores (``stored``: their VAE's fingerprint and posterior): the encoder
+    stays out of the loop; refused unless they are latents of this VAE, drawn as ``latent.posterior`` draws."""
+    if latent is None:
+        raise ConfigError("the dataset serves VAE latents (dataset.latents=true): train with latent=vae "
+                          f"latent.path={stored['path']} (their VAE), or set dataset.latents=false for the images")
+    if stored["fingerprint"] != latent.fingerprint or stored["posterior"] != latent.posterior:
+        raise ConfigError(
+            f"the dataset's latents are of the VAE {stored['path']} (fingerprint {stored['fingerprint'][:12]}, "
+            f"posterior {stored['posterior']}), not of latent.path={latent.path} ({latent.fingerprint[:12]}, "
+            f"posterior {latent.posterior}): write the shards with this VAE, or point latent.path at theirs"
+        )
+    latent.cache = True  # batches are unscaled latents z, as from the cache
+
+
 def cached_latents(
     datamodule: ImageDataModule, latent: LatentSpace, seed: int = 0
 ) -> tuple[Path, TensorImages, TensorImages]:

@@ -111,6 +111,8 @@ class ImageDataModule(L.LightningDataModule):
         self.class_names: list[str] = []
         self.captions: list[str] | None = None
         """One caption per item in the source's order when the source has captions, else None."""
+        self.stored_latents: dict | None = None
+        """The VAE (fingerprint, shape, posterior) of the latents the source serves instead of images, if it does."""
         self.decoded_in_memory = False
         """Whether :meth:`setup` decoded the set into memory (``in_memory``, or ``auto`` below the threshold)."""
         self.encoded: tuple[TensorImages, TensorImages] | None = None
@@ -132,8 +134,13 @@ class ImageDataModule(L.LightningDataModule):
 
     @property
     def image_shape(self) -> tuple[int, ...]:
-        """The shape (C, H, W) of one item as the loaders serve it."""
+        """The shape (C, H, W) of one image."""
         return (self.channels, self.resolution, self.resolution)
+
+    @property
+    def item_shape(self) -> tuple[int, ...]:
+        """The shape of one item as the loaders serve it: the image's, or a stored latent's."""
+        return self.image_shape
 
     def workers(self) -> dict[str, object]:
         """DataLoader settings of the lazy path: workers (kept between epochs), pinned memory on a GPU."""
@@ -149,8 +156,8 @@ class ImageDataModule(L.LightningDataModule):
         catalog = self.catalog()
         labels, self.class_names, self.captions = catalog.labels, catalog.class_names, catalog.captions
         first = tuple(catalog.items.__getitems__([0]).shape[1:])
-        if first != self.image_shape:
-            raise ConfigError(f"dataset gives images of shape {first}, expected {self.image_shape}")
+        if first != self.item_shape:
+            raise ConfigError(f"dataset gives items of shape {first}, expected {self.item_shape}")
         order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(self.split_seed))
         n_val = self._num_val(len(labels))
         val, train = order[:n_val], order[n_val:]
@@ -158,7 +165,7 @@ class ImageDataModule(L.LightningDataModule):
             raise ConfigError(
                 f"the training split has {len(train)} images, fewer than dataset.batch_size={self.batch_size}"
             )
-        nbytes = 4 * len(labels) * math.prod(self.image_shape)
+        nbytes = 4 * len(labels) * math.prod(self.item_shape)
         self.decoded_in_memory = nbytes <= IN_MEMORY_MAX_BYTES if self.in_memory == "auto" else self.in_memory
         captions = (lambda idx: None) if self.captions is None else (lambda idx: [self.captions[i] for i in idx])
         if self.decoded_in_memory:

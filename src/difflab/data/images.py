@@ -33,6 +33,10 @@ class Items(Dataset):
         """The images (B, C, H, W) of ``indices``."""
         return torch.stack([self[i] for i in indices])
 
+    def mirrored(self, indices: list[int], x: Tensor) -> Tensor:
+        """What a flip serves for the items ``x`` (B, C, H, W) at ``indices``: x mirrored left-right."""
+        return x.flip(-1)
+
 
 def read_batches(items: Dataset, num_workers: int = 0, batch_size: int = 256) -> list[Any]:
     """The batches (``__getitems__`` results) of every item of ``items`` in order, read by ``num_workers`` workers.
@@ -127,3 +131,6 @@ class LazyImages(ImageSet):
 
     def fetch(self, idx: list[int]) -> Tensor:
         return self.items.__getitems__([self.positions[i] for i in idx])
+
+    def mirrored(self, idx: list[int], x: Tensor) -> Tensor:
+        return self.items.mirrored([self.positions[i] for i in idx], x)

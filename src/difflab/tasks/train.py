@@ -23,7 +23,7 @@ from difflab.callbacks.preemption import Preemption
 from difflab.checkpointing import AtomicCheckpointIO, remove_orphan_temporaries
 from difflab.distributed import RankConsistency, forward_signals_to_children, launch_settings
 from difflab.errors import ConfigError
-from difflab.latent import cached_latents
+from difflab.latent import cached_latents, use_stored_latents
 from difflab.module import DiffusionModule
 from difflab.run_lock import RunDirLock
 from difflab.tasks.checks import check_training_settings
@@ -47,7 +47,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if data_shape != module.image_shape:
         raise ConfigError(f"the dataset's images are {data_shape} but the model expects {module.image_shape}")
     module.noise.check_num_samples(len(datamodule.train_set))
-    if module.latent is not None and module.latent.cache and not cfg.get("dry_run"):  # serve the cached latents
+    if datamodule.stored_latents is not None:  # latent shards: the encoder stays out of the loop
+        use_stored_latents(module.latent, datamodule.stored_latents)
+    elif module.latent is not None and module.latent.cache and not cfg.get("dry_run"):  # serve the cached latents
         path, train_latents, val_latents = cached_latents(datamodule, module.latent, cfg.seed)
         datamodule.serve_latents(train_latents, val_latents)
         print(f"latent cache: {show(path)}", flush=True)
