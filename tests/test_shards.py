@@ -78,7 +78,7 @@ def test_bad_shard_dirs_are_refused_naming_the_problem(tmp_path, bad):
 def test_two_ranks_see_each_sample_once_per_epoch_and_resume_mid_epoch_exactly(shards, tmp_path):
     """2 gloo processes, 96 training samples, 32 per step: 3 steps an epoch; resumed from step 4's checkpoint."""
     common = [*TINY_TRAIN, "trainer=ddp_cpu", "dataset=shards", f"dataset.path={shards}", "dataset.channels=1",
-              "dataset.val_fraction=0.04", "dataset.in_memory=false", "dataset.num_workers=1",
+              "dataset.val_fraction=0.04", "dataset.in_memory=false", "dataset.num_workers=0",  # 2 ranks fill 2 cores
               "callbacks.model_checkpoint.every_n_train_steps=2", "callbacks.model_checkpoint.save_top_k=-1",
               "+callbacks.record._target_=tests.test_shards.RecordSeen"]
     full, resumed = tmp_path / "full", tmp_path / "resumed"

@@ -114,6 +114,8 @@ class ImageDataModule(L.LightningDataModule):
         self.stored_latents: dict | None = None
         """The VAE (fingerprint, shape, posterior) of the latents the source serves instead of images, if it does."""
         self.decoded_in_memory = False
+        self.loaders: list[DataLoader] = []
+        """The loaders handed out, whose persistent workers :meth:`teardown` stops."""
         """Whether :meth:`setup` decoded the set into memory (``in_memory``, or ``auto`` below the threshold)."""
         self.encoded: tuple[TensorImages, TensorImages] | None = None
         """(train, val) cached latents when training reads them (:meth:`serve_latents`)."""
@@ -220,9 +222,19 @@ class ImageDataModule(L.LightningDataModule):
         trainer = self.trainer
         ranks = {"num_replicas": trainer.world_size, "rank": trainer.global_rank} if trainer is not None else {}
         sampler = ShuffledEpochs(self.train_source, self.seed, **ranks)
-        return ResumableLoader(
-            self.train_source, self.device_batch_size, sampler, collate_fn=batch_as_is, **self.workers()
-        )
+        loader = ResumableLoader(self.train_source, self.device_batch_size, sampler, collate_fn=batch_as_is, **self.workers())
+        self.loaders.append(loader)
+        return loader
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_source, batch_size=self.device_batch_size, collate_fn=batch_as_is, **self.workers())
+        loader = DataLoader(self.val_source, batch_size=self.device_batch_size, collate_fn=batch_as_is, **self.workers())
+        self.loaders.append(loader)
+        return loader
+
+    def teardown(self, stage: str) -> None:
+        """Stop the loaders' persistent workers at the end of a fit, not when the loaders are garbage-collected."""
+        for loader in self.loaders:
+            if getattr(loader, "_iterator", None) is not None and loader.persistent_workers:
+                loader._iterator._shutdown_workers()
+                loader._iterator = None
+        self.loaders = []
