@@ -1,6 +1,7 @@
-"""dataset=shards: WebDataset tar shards written from any source, read back exactly, trained on by 2 gloo processes
-(each sample once per epoch over both ranks; a run resumed mid-epoch sees the uninterrupted run's samples), and
-latent shards that train without the VAE encoder."""
+"""dataset=shards: WebDataset tar shards written from any source, read back exactly, read by 2 gloo processes
+(each sample once per epoch over both ranks; a loader resumed mid-epoch from its state sees the uninterrupted
+run's samples; the same loader state inside a Lightning checkpoint is tests/test_resume.py's), and latent
+shards that train without the VAE encoder."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from difflab.data.digits import ResizedDigits
 from difflab.data.shards import ShardsDataModule
 from difflab.data.write_shards import write_shards
 from difflab.errors import ConfigError
-from tests.conftest import TINY_TRAIN, run_script
+from tests.conftest import TINY_TRAIN
 
 N = 100
 
@@ -74,30 +75,54 @@ def test_bad_shard_dirs_are_refused_naming_the_problem(tmp_path, bad):
         dm.setup()
 
 
-@pytest.mark.slow
-def test_two_ranks_see_each_sample_once_per_epoch_and_resume_mid_epoch_exactly(shards, tmp_path):
-    """2 gloo processes, 96 training samples, 32 per step: 3 steps an epoch; resumed from step 4's checkpoint."""
-    common = [*TINY_TRAIN, "trainer=ddp_cpu", "dataset=shards", f"dataset.path={shards}", "dataset.channels=1",
-              "dataset.val_fraction=0.04", "dataset.in_memory=false", "dataset.num_workers=0",  # 2 ranks fill 2 cores
-              "callbacks.model_checkpoint.every_n_train_steps=2", "callbacks.model_checkpoint.save_top_k=-1",
-              "+callbacks.record._target_=tests.test_shards.RecordSeen"]
-    full, resumed = tmp_path / "full", tmp_path / "resumed"
-    for run, extra in ((full, []), (resumed, [f"ckpt_path={full / 'checkpoints' / 'step_000004.ckpt'}"])):
-        run.mkdir()
-        run_script("train.py", *common, f"hydra.run.dir={run}", f"+callbacks.record.path={run}", *extra)
+def _rank(rank: int, shards: str, out: str) -> None:
+    """One of 2 gloo processes: epochs 0 and 1 uninterrupted, then epoch 1 again stopped after one batch and resumed
+    by a fresh loader from the stopped one's state (what a checkpoint carries); every rank's labels gathered."""
+    import torch.distributed as dist
 
-    def seen(run: Path) -> dict[tuple[int, int], list[int]]:
-        rows = [json.loads(line) for line in (run / "seen.jsonl").read_text().splitlines()]
-        return {(step, rank): labels for step, rank, labels in rows}
+    from difflab.data import ResumableLoader, ShuffledEpochs
+    from difflab.data.images import batch_as_is
 
-    uninterrupted, after = seen(full), seen(resumed)
-    train = sorted(NumberedDigits(resolution=8, val_fraction=0.04).catalog().labels[  # the 96 training indices
-        torch.randperm(N, generator=torch.Generator().manual_seed(0))[4:]].tolist())
-    for epoch in (range(1, 4), range(4, 7)):
-        labels = [y for step in epoch for rank in (0, 1) for y in uninterrupted[(step, rank)]]
-        assert sorted(labels) == train  # every training sample exactly once over both ranks
-    assert set(after) == {(s, r) for s in (5, 6) for r in (0, 1)}
-    assert after == {key: uninterrupted[key] for key in after}  # the resumed run sees the uninterrupted run's batches
+    dist.init_process_group("gloo", init_method=f"file://{out}/store", rank=rank, world_size=2)
+    dm = ShardsDataModule(path=shards, resolution=8, channels=1, batch_size=32, val_fraction=0.04, in_memory=False)
+    dm.setup()
+
+    def loader() -> ResumableLoader:
+        sampler = ShuffledEpochs(dm.train_source, seed=0, num_replicas=2, rank=rank)
+        return ResumableLoader(dm.train_source, dm.split_batch(2), sampler, collate_fn=batch_as_is)
+
+    def epoch(data: ResumableLoader, e: int, stop: int | None = None) -> list[list[int]]:
+        data.sampler.set_epoch(e)
+        return [batch[1].tolist() for _, batch in zip(range(stop or 99), data)]
+
+    full = loader()
+    uninterrupted = [epoch(full, 0), epoch(full, 1)]
+    stopped = loader()
+    first = epoch(stopped, 1, stop=1)
+    requeued = loader()
+    requeued.load_state_dict(stopped.state_dict())
+    seen = {"uninterrupted": uninterrupted, "resumed": first + epoch(requeued, 1)}
+    gathered: list[Any] = [None, None]
+    dist.all_gather_object(gathered, seen)
+    if rank == 0:
+        Path(out, "seen.json").write_text(json.dumps(gathered))
+    dist.destroy_process_group()
+
+
+def test_two_gloo_ranks_see_each_sample_once_per_epoch_and_resume_mid_epoch_exactly(shards, tmp_path):
+    """96 training samples, 32 per step over 2 ranks (16 each): 3 steps an epoch; stopped after step 1 of epoch 1."""
+    torch.multiprocessing.start_processes(_rank, args=(str(shards), str(tmp_path)), nprocs=2, start_method="fork")
+    ranks = json.loads((tmp_path / "seen.json").read_text())
+    source = NumberedDigits(resolution=8, val_fraction=0.04)
+    source.setup()
+    train = sorted(source.train_set.labels.tolist())
+    for e in (0, 1):
+        batches = [rank["uninterrupted"][e] for rank in ranks]
+        assert [len(b) for rank in batches for b in rank] == [16] * 6
+        assert sorted(y for rank in batches for b in rank for y in b) == train  # each sample once over both ranks
+    assert ranks[0]["uninterrupted"][0] != ranks[0]["uninterrupted"][1]  # a new order each epoch
+    for rank in ranks:
+        assert rank["resumed"] == rank["uninterrupted"][1]  # exactly the uninterrupted epoch's batches
 
 
 def test_latent_shards_train_without_the_encoder(stage1, tmp_path, monkeypatch):
