@@ -17,6 +17,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from difflab.errors import ConfigError
+
 Item = int | tuple[int, int]
 """A dataset index, or (index, item seed) as :class:`~difflab.data.order.ShuffledEpochs` draws them."""
 
@@ -46,7 +48,10 @@ def read_batches(items: Dataset, num_workers: int = 0, batch_size: int = 256) ->
     loader = DataLoader(
         items, batch_size=batch_size, num_workers=num_workers, collate_fn=batch_as_is, generator=torch.Generator()
     )
-    return list(loader)
+    try:
+        return list(loader)
+    except ConfigError as err:  # raised in a worker, re-raised here with its traceback in the message: keep the message
+        raise ConfigError(str(err).rsplit("ConfigError: ", 1)[-1].strip()) from None
 
 
 def decode_all(items: Items, num_workers: int = 0) -> Tensor:
