@@ -95,20 +95,26 @@ FIRST_STEP = """
 import json, os, resource, sys, time
 import lightning as L
 class FirstStep(L.Callback):
+    done = False
     def on_train_batch_end(self, trainer, *args):
-        if trainer.global_step == 1:
+        if not self.done:
+            self.done = True
             print("FIRST_STEP", time.time() - float(os.environ["BENCH_START"]), flush=True)
+    def on_train_end(self, trainer, *args):
+        print("SELF_RSS", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, flush=True)
 """
 
 
 def memory(args: argparse.Namespace) -> None:
-    """train.py (model=tiny, 64x64, 20 steps) on each folder size: peak RSS of the largest process, first step."""
+    """train.py (model=tiny, 64x64, 20 steps) on each folder size: peak RSS of the training process and of the
+    largest process (GNU time: a worker or the training process), seconds from launch to the first optimizer step."""
     from difflab.data.synthetic import write_folder
 
     work = Path(args.work)
     (work / "bench_first_step.py").write_text(FIRST_STEP)
-    print("| PNGs (64x64 RGB) | peak RSS (MB) | first optimizer step (s) | in memory |")
-    print("|---|---|---|---|")
+    print("| PNGs (64x64 RGB) | peak RSS, training process (MB) | largest process incl. workers (MB) | "
+          "first optimizer step (s) | in memory |")
+    print("|---|---|---|---|---|")
     for n in args.sizes:
         folder = work / f"flat64_{n}"
         if not folder.is_dir():
@@ -118,13 +124,18 @@ def memory(args: argparse.Namespace) -> None:
                "trainer.max_steps=20", "trainer.val_check_interval=20", "trainer.limit_val_batches=1",
                "callbacks.sample_grid.every_n_steps=1000", "logger=none", "trainer.enable_progress_bar=false",
                "+callbacks.first._target_=bench_first_step.FirstStep", f"hydra.run.dir={work / f'run{n}'}"]
+        if (work / f"run{n}").is_dir():  # a finished run would resume and train nothing
+            subprocess.run(["rm", "-r", str(work / f"run{n}")], check=True)
         env = {**os.environ, "PYTHONPATH": f"{work}:{ROOT / 'src'}", "BENCH_START": str(time.time())}
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=work)
         out = proc.stdout + proc.stderr
+        if proc.returncode != 0:
+            sys.exit(out[-3000:])
         rss = int(out.split("MAXRSS ")[1].split()[0]) / 1024
-        first = float(out.split("FIRST_STEP ")[1].split()[0]) if "FIRST_STEP" in out else float("nan")
+        main_rss = int(out.split("SELF_RSS ")[1].split()[0]) / 1024
+        first = float(out.split("FIRST_STEP ")[1].split()[0])
         in_memory = 4 * n * 3 * 64 * 64 <= 256 * 2**20
-        print(f"| {n:,} | {rss:.0f} | {first:.1f} | {in_memory} |", flush=True)
+        print(f"| {n:,} | {main_rss:.0f} | {rss:.0f} | {first:.1f} | {in_memory} |", flush=True)
 
 
 def _read_rank(path: str, rank: int, world: int, queue) -> None:
