@@ -219,3 +219,18 @@ def test_a_validation_split_of_no_image_is_refused_naming_the_fraction_needed(tm
         dm = ImageFolderDataModule(path=str(tmp_path), resolution=8, batch_size=1, val_fraction=0.1667)
         dm.setup()
         assert (len(dm.train_set), len(dm.val_set)) == (n - 1, 1)
+
+
+def test_skip_bad_leaves_out_bad_files_with_a_warning_that_counts_them(tmp_path):
+    _write_images(tmp_path, 3)
+    (tmp_path / "empty.png").write_bytes(b"")
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / "tiny.png")  # smaller than the resolution
+    dm = ImageFolderDataModule(path=str(tmp_path), resolution=8, channels=3, batch_size=1, val_fraction=0.34,
+                               skip_bad=True)
+    with pytest.warns(UserWarning, match=r"dataset.skip_bad=true: skipped 2 of 5 images: .*empty.png is empty"):
+        dm.setup()
+    assert len(dm.train_set) + len(dm.val_set) == 3
+    (tmp_path / "empty.png").unlink()
+    upscaled = ImageFolderDataModule(path=str(tmp_path), resolution=8, batch_size=1, val_fraction=0.25, upscale=True)
+    upscaled.setup()
+    assert len(upscaled.train_set) + len(upscaled.val_set) == 4
