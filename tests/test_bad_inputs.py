@@ -70,13 +70,35 @@ CASES = [
     case("dataset folder empty", "train", "dataset=image_folder dataset.path={empty_dir}",
          "dataset.path={empty_dir} holds no images", "looked for .png, .jpg"),
     case("unreadable image", "train", "dataset=image_folder dataset.path={bad_image_dir}",
-         "cannot read image {bad_image_dir}/bad.png", "an image file PIL can open", "remove or replace it"),
-    case("truncated image", "train", "dataset=image_folder dataset.path={cut_image_dir}",
+         "{bad_image_dir}/bad.png is not an image PIL can open", "remove or replace them",
+         "or set dataset.skip_bad=true to leave them out"),
+    case("zero-byte image", "train", "dataset=image_folder dataset.path={zero_dir}",
+         "1 of the 2 images under dataset.path={zero_dir} cannot be trained on", "{zero_dir}/empty.png is empty (0 bytes)",
+         "dataset.skip_bad=true"),
+    case("images smaller than resolution", "train", "dataset=image_folder dataset.path={tiny_dir}",
+         "{tiny_dir}/0.png is 4x4, smaller than dataset.resolution=8", "set dataset.upscale=true"),
+    case("truncated image", "train",
+         "dataset=image_folder dataset.path={cut_image_dir} dataset.val_fraction=0.5 dataset.batch_size=1",
          "cannot read image {cut_image_dir}/cut.png", "truncated", "remove or replace it"),
+    case("num_workers the machine cannot start", "train", "dataset.num_workers=4096",
+         "dataset.num_workers=4096 cannot start here", "an integer from 0", "the CPUs this process may use"),
+    case("in_memory not an option", "train", "dataset.in_memory=maybe",
+         "dataset.in_memory must be auto, true or false, got 'maybe'"),
+    case("CIFAR folder without its files", "train", "dataset=cifar10 dataset.path={empty_dir}",
+         "does not hold the cifar10 python-version files", "missing batches.meta, data_batch_1",
+         "cifar-10-python.tar.gz (https://www.cs.toronto.edu/~kriz/cifar.html)"),
+    case("Hugging Face dataset without the image column", "train",
+         "dataset=hf dataset.path={rgb_dir} dataset.image_column=img",
+         "dataset.image_column='img' is not a column of {rgb_dir}", "it has image"),
+    case("shard dir empty", "train", "dataset=shards dataset.path={empty_dir}",
+         "dataset.path={empty_dir} holds no shards (*.tar)", "python -m difflab.data.write_shards"),
+    case("latent shards without latent=vae", "train",
+         "dataset=shards dataset.path={shards_dir} dataset.latents=true dataset.channels=1",
+         "dataset.latents=true but the shards under {shards_dir} hold no latents", "latent=vae latent.path=VAE"),
     case("channels not 1 or 3", "train", "dataset.channels=2",
          "dataset.channels must be 1 (grayscale) or 3 (RGB), got 2"),
     case("data channels differ from the setting", "train", "dataset.channels=3",
-         "dataset gives images of shape (1, 8, 8), expected (3, 8, 8)"),
+         "dataset gives items of shape (1, 8, 8), expected (3, 8, 8)"),
     case("checkpoint missing (train)", "train", "ckpt_path={tmp}/nope.ckpt",
          "ckpt_path={tmp}/nope.ckpt does not exist", "give a .ckpt file written by an earlier run"),
     case("sampling precision unknown", "sample", "ckpt={run} precision=fp16",
@@ -152,7 +174,7 @@ CASES = [
          "move the top-level images into a class folder or remove them"),
     case("image over the decompression-bomb limit", "train",
          "dataset=image_folder dataset.path={rgb_dir} dataset.max_image_pixels=100",
-         "image {rgb_dir}/0.png has 12x12 = 144 pixels", "more than dataset.max_image_pixels=100",
+         "{rgb_dir}/0.png has 12x12 = 144 pixels", "more than dataset.max_image_pixels=100",
          "PIL.Image.MAX_IMAGE_PIXELS", "raise dataset.max_image_pixels"),
     case("dataset too small for a validation split", "train", "dataset=image_folder dataset.path={small_dir}",
          "dataset.val_fraction=0.05 of 6 images rounds to 0 validation images",
@@ -241,14 +263,26 @@ def _paths(tmp: Path, trained_run: Path, conditional: Path | None, needed: set[s
     paths = {"run": run, "tmp": tmp, "file": tmp / "a_file", "empty_dir": tmp / "empty", "bad_image_dir": tmp / "bad",
              "cut_image_dir": tmp / "cut", "rgb_dir": tmp / "rgb", "cut_ckpt": tmp / "cut.ckpt",
              "pickle_ckpt": tmp / "pickle.ckpt", "mixed_dir": tmp / "mixed", "small_dir": tmp / "small",
-             "evil_ckpt": tmp / "evil.ckpt"}
+             "evil_ckpt": tmp / "evil.ckpt", "zero_dir": tmp / "zero", "tiny_dir": tmp / "tiny",
+             "shards_dir": tmp / "shards"}
     if conditional is not None:
         paths["conditional"] = conditional
     make = set(paths) if needed is None else needed
     if "file" in make:
         paths["file"].write_text("not a directory")
-    for name in {"empty_dir", "bad_image_dir", "cut_image_dir", "rgb_dir", "small_dir"} & make:
+    for name in {"empty_dir", "bad_image_dir", "cut_image_dir", "rgb_dir", "small_dir", "zero_dir", "tiny_dir"} & make:
         paths[name].mkdir()
+    if "zero_dir" in make:
+        _write_png(paths["zero_dir"] / "good.png")
+        (paths["zero_dir"] / "empty.png").write_bytes(b"")
+    if "tiny_dir" in make:
+        for i in range(40):
+            _write_png(paths["tiny_dir"] / f"{i}.png", size=4)
+    if "shards_dir" in make:
+        from difflab.data import DigitsDataModule
+        from difflab.data.write_shards import write_shards
+
+        write_shards(DigitsDataModule(resolution=8), paths["shards_dir"], samples_per_shard=1000)
     if "bad_image_dir" in make:
         _write_png(paths["bad_image_dir"] / "good.png")
         (paths["bad_image_dir"] / "bad.png").write_bytes(b"this is not a png")

@@ -69,7 +69,7 @@ def test_image_folder_centre_crops_to_a_square(tmp_path):
     [
         (lambda p: None, r"dataset.path=.*missing is not a directory"),
         (lambda p: (p / "missing").mkdir(), r"dataset.path=.*missing holds no images"),
-        (lambda p: ((p / "missing").mkdir(), (p / "missing" / "bad.png").write_bytes(b"not a png")), r"cannot read image .*bad.png"),
+        (lambda p: ((p / "missing").mkdir(), (p / "missing" / "bad.png").write_bytes(b"not a png")), r"bad.png is not an image PIL can open"),
     ],
     ids=["missing", "empty", "unreadable"],
 )
@@ -84,9 +84,16 @@ def test_truncated_image_is_refused(tmp_path):
     _write_images(tmp_path, 2, size=(64, 64))
     data = (tmp_path / "img1.png").read_bytes()
     (tmp_path / "img1.png").write_bytes(data[: len(data) // 2])
-    dm = ImageFolderDataModule(path=str(tmp_path), resolution=8, channels=3, batch_size=1)
+    dm = ImageFolderDataModule(path=str(tmp_path), resolution=8, channels=3, batch_size=1, val_fraction=0.5)
     with pytest.raises(ConfigError, match=r"cannot read image .*img1.png"):
-        dm.setup()
+        dm.setup()  # in memory: decoded at setup
+    lazy = ImageFolderDataModule(
+        path=str(tmp_path), resolution=8, channels=3, batch_size=1, in_memory=False, val_fraction=0
+    )
+    with pytest.warns(UserWarning, match="val_fraction=0"):
+        lazy.setup()  # its header is fine: the lazy path finds the truncated body when it decodes it
+    with pytest.raises(ConfigError, match=r"cannot read image .*img1.png"):
+        lazy.train_set.images
 
 
 def test_batch_size_larger_than_the_training_split_is_refused():
@@ -212,3 +219,18 @@ def test_a_validation_split_of_no_image_is_refused_naming_the_fraction_needed(tm
         dm = ImageFolderDataModule(path=str(tmp_path), resolution=8, batch_size=1, val_fraction=0.1667)
         dm.setup()
         assert (len(dm.train_set), len(dm.val_set)) == (n - 1, 1)
+
+
+def test_skip_bad_leaves_out_bad_files_with_a_warning_that_counts_them(tmp_path):
+    _write_images(tmp_path, 3)
+    (tmp_path / "empty.png").write_bytes(b"")
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / "tiny.png")  # smaller than the resolution
+    dm = ImageFolderDataModule(path=str(tmp_path), resolution=8, channels=3, batch_size=1, val_fraction=0.34,
+                               skip_bad=True)
+    with pytest.warns(UserWarning, match=r"dataset.skip_bad=true: skipped 2 of 5 images: .*empty.png is empty"):
+        dm.setup()
+    assert len(dm.train_set) + len(dm.val_set) == 3
+    (tmp_path / "empty.png").unlink()
+    upscaled = ImageFolderDataModule(path=str(tmp_path), resolution=8, batch_size=1, val_fraction=0.25, upscale=True)
+    upscaled.setup()
+    assert len(upscaled.train_set) + len(upscaled.val_set) == 4

@@ -138,6 +138,15 @@ def test_preempted_and_requeued_run_equals_the_uninterrupted_run(uninterrupted, 
     assert set(legs) - set(full) == {(7, "val/loss"), (7, "val/loss_ema")}
 
 
+def test_lazy_path_with_workers_preempted_and_resumed_equals_the_uninterrupted_in_memory_run(uninterrupted, tmp_path):
+    """Images decoded per batch in 2 persistent workers, SIGUSR2 at step 8 and requeued: the in-memory run's state."""
+    lazy = [*RESUMABLE, f"output_dir={tmp_path}", "dataset.in_memory=false", "dataset.num_workers=2"]
+    train(compose("train", [*lazy, "+callbacks.signal._target_=tests.test_resume.SignalAt", "+callbacks.signal.step=8"]))
+    assert _state(tmp_path)["global_step"] == 8
+    train(compose("train", lazy))
+    assert_same_training_state(_state(uninterrupted), _state(tmp_path))
+
+
 def test_data_order_and_flips_depend_on_seed_and_epoch_only():
     """ShuffledEpochs: epoch e's items are a function of (seed, e); ranks split each global batch; resume skips."""
     from difflab.data import ShuffledEpochs

@@ -29,7 +29,8 @@ from torch import Tensor, nn
 
 from difflab.cache import cache_root
 from difflab.checkpointing import atomic_write
-from difflab.data.base import InMemoryDataModule, TensorImages
+from difflab.data.base import ImageDataModule
+from difflab.data.images import TensorImages
 from difflab.distributed import tensor_digest
 from difflab.errors import ConfigError
 from difflab.vae import Posterior, encode_latents, latent_shape, load_vae, vae_fingerprint
@@ -134,11 +135,26 @@ def _ignore_vae_keys(module: LatentSpace, incompatible_keys: Any) -> None:
     incompatible_keys.missing_keys[:] = [k for k in incompatible_keys.missing_keys if ".vae." not in f".{k}"]
 
 
+def use_stored_latents(latent: LatentSpace | None, stored: dict[str, Any]) -> None:
+    """Train ``latent`` on latents a source stores (``stored``: their VAE's fingerprint and posterior): the encoder
+    stays out of the loop; refused unless they are latents of this VAE, drawn as ``latent.posterior`` draws."""
+    if latent is None:
+        raise ConfigError("the dataset serves VAE latents (dataset.latents=true): train with latent=vae "
+                          f"latent.path={stored['path']} (their VAE), or set dataset.latents=false for the images")
+    if stored["fingerprint"] != latent.fingerprint or stored["posterior"] != latent.posterior:
+        raise ConfigError(
+            f"the dataset's latents are of the VAE {stored['path']} (fingerprint {stored['fingerprint'][:12]}, "
+            f"posterior {stored['posterior']}), not of latent.path={latent.path} ({latent.fingerprint[:12]}, "
+            f"posterior {latent.posterior}): write the shards with this VAE, or point latent.path at theirs"
+        )
+    latent.cache = True  # batches are unscaled latents z, as from the cache
+
+
 def cached_latents(
-    datamodule: InMemoryDataModule, latent: LatentSpace, seed: int = 0
+    datamodule: ImageDataModule, latent: LatentSpace, seed: int = 0
 ) -> tuple[Path, TensorImages, TensorImages]:
     """The unscaled latents of ``datamodule``'s training and validation images from a cache file (encoding once):
-    (the file, train latents, val latents), for :meth:`~difflab.data.base.InMemoryDataModule.serve_latents`.
+    (the file, train latents, val latents), for :meth:`~difflab.data.base.ImageDataModule.serve_latents`.
 
     The file is named by a fingerprint of the VAE, the images of both splits, the posterior mode and the
     seed of its samples, and it stores that manifest: a file that does not match is rebuilt. With hflip, the

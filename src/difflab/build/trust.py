@@ -29,7 +29,8 @@ BUILDABLE = frozenset({
     # noise, latent, dataset
     "difflab.noise.IIDNoise", "difflab.noise.OffsetNoise", "difflab.noise.CovarianceNoise",
     "difflab.noise.LowRankNoise", "difflab.noise.SpectralNoise", "difflab.latent.LatentSpace",
-    "difflab.data.DigitsDataModule", "difflab.data.ImageFolderDataModule",
+    "difflab.data.DigitsDataModule", "difflab.data.ImageFolderDataModule", "difflab.data.cifar.CifarDataModule",
+    "difflab.data.hf.HFDataModule", "difflab.data.shards.ShardsDataModule",
     # classifier (train_classifier.py)
     "difflab.classifier.ClassifierModule", "difflab.classifier.NoisyClassifier",
 })

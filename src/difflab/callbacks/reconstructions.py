@@ -40,7 +40,7 @@ class Reconstructions(L.Callback):
             return None
         self.last_step = step
         data = trainer.datamodule
-        images = (data.val_set if len(data.val_set) else data.train_set).images[: self.num_images]
+        images = (data.val_set if len(data.val_set) else data.train_set).head(self.num_images)
         vae = module.export_vae
         was_training = vae.training
         vae.eval()

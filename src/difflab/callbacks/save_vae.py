@@ -45,7 +45,7 @@ class SaveVAE(L.Callback):
         if step == self.last_step or not trainer.is_global_zero:
             return None
         self.last_step = step
-        images = trainer.datamodule.train_set.images[: self.scale_images]
+        images = trainer.datamodule.train_set.head(self.scale_images)
         vae = module.export_vae
         self.scaling_factor = estimate_scaling_factor(vae, images.split(self.batch_size), self.posterior, self.seed)
         path = save_vae(vae, self.dirpath, self.scaling_factor)

@@ -1,43 +1,48 @@
-"""In-memory image DataModules: the whole dataset is one tensor, batches are index slices.
+"""Image DataModules: a source lists its items (:class:`Catalog`), the module splits, decodes and serves them.
 
-Measured on 2 cores: DataLoader workers cost 10-30x more per batch than
-indexing a tensor in the main process, so batches are fetched whole through ``__getitems__``.
-
-The training stream is resumable: epoch e's order and every augmentation coin are functions of
-(seed, e) alone (:class:`ShuffledEpochs`), and the loader's position within the epoch travels in
-the checkpoint (:class:`ResumableLoader`), so a run resumed mid-epoch sees the same batches as an
-uninterrupted one.
+Small sets are decoded once into one tensor and batches are index slices (measured on 2 cores: DataLoader
+workers cost 10-30x more per batch than indexing a tensor in the main process); sets whose decoded
+tensor would exceed :data:`IN_MEMORY_MAX_BYTES` are decoded a batch at a time in DataLoader workers
+(``num_workers``, persistent, pinned memory on a GPU), so memory does not grow with the dataset
+(``in_memory=auto``, the default; ``true`` / ``false`` force either path). The order, flips and
+resume of the training stream are the same on both paths (:mod:`difflab.data.order`).
 """
 
 from __future__ import annotations
 
 import math
+import os
 import warnings
-from collections.abc import Iterator
-from typing import Any
+from dataclasses import dataclass
 
 import lightning as L
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader
 
+from difflab.data.images import ImageSet, Items, LazyImages, TensorImages, batch_as_is, decode_all
+from difflab.data.order import ResumableLoader, ShuffledEpochs
 from difflab.distributed import device_batch_size
 from difflab.errors import ConfigError
 from difflab.seeding import DATA, derived_generator
 
 SPLITS = ("train", "val", "all")
 """The image sets of a DataModule: its training split, its held-out validation split, or both."""
+IN_MEMORY_MAX_BYTES = 256 * 2**20
+"""in_memory=auto decodes a set into memory when its float32 tensor is at most this (docs/data.md, bench/data.py)."""
 
 
-def _batch_as_is(batch: Any) -> Any:
-    return batch
+@dataclass
+class Catalog:
+    """A source's items listed without decoding them: the decoder of each, labels (N,), class names, captions."""
+
+    items: Items
+    labels: Tensor
+    class_names: list[str]
+    captions: list[str] | None = None
 
 
-Item = int | tuple[int, int]
-"""A dataset index, or (index, item seed) as :class:`ShuffledEpochs` draws them."""
-
-
-def training_batches(datamodule: InMemoryDataModule, batch_size: int = 256) -> list[Tensor]:
+def training_batches(datamodule: ImageDataModule, batch_size: int = 256) -> list[Tensor]:
     """Every training image once, flipped as in training, in batches (B, C, H, W): the stream a model sees.
 
     Unlike one epoch of the training loader, no image is dropped to fill the last batch; each image's
@@ -47,100 +52,17 @@ def training_batches(datamodule: InMemoryDataModule, batch_size: int = 256) -> l
     source = datamodule.train_source
     generator = derived_generator(datamodule.seed, DATA, 0)
     items = list(zip(range(len(source)), torch.randint(0, 2**62, (len(source),), generator=generator).tolist()))
-    loader = DataLoader(source, batch_size=batch_size, sampler=items, collate_fn=_batch_as_is)
+    loader = DataLoader(source, batch_size=batch_size, sampler=items, collate_fn=batch_as_is, **datamodule.workers())
     return [batch[0] for batch in loader]
 
 
-class TensorImages(Dataset):
-    """Images (N, C, H, W) in [-1, 1] with labels (N,); fetches a whole batch per call, optionally flipped.
-
-    An item is an index, or an (index, item seed) pair whose seed decides the item's augmentation
-    (the lowest bit: a horizontal flip), so augmentations are drawn by the sampler from counters,
-    never from the global RNG or a worker's. ``flipped`` (N, ...), when given, is what a flip serves
-    instead of the mirrored item (cached latents of the mirrored images: a mirrored latent is not the
-    latent of the mirrored image).
-    """
-
-    def __init__(self, images: Tensor, labels: Tensor, hflip: bool = False, flipped: Tensor | None = None) -> None:
-        self.images, self.labels, self.hflip, self.flipped = images, labels, hflip, flipped
-
-    def __len__(self) -> int:
-        return self.images.shape[0]
-
-    def __getitem__(self, item: Item) -> tuple[Tensor, Tensor]:
-        return self.__getitems__([item])
-
-    def __getitems__(self, items: list[Item]) -> tuple[Tensor, Tensor]:
-        pairs = [item if isinstance(item, tuple) else (item, 0) for item in items]
-        idx, seeds = torch.as_tensor(pairs).unbind(1)
-        x = self.images[idx]
-        if self.hflip:
-            mirrored = x.flip(-1) if self.flipped is None else self.flipped[idx]
-            x = torch.where((seeds & 1).bool()[:, None, None, None], mirrored, x)
-        return x, self.labels[idx]
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-class ShuffledEpochs(DistributedSampler):
-    """This rank's (index, item seed) items of epoch e, both drawn from a generator seeded by (seed, e) alone.
-
-    Epoch e is one permutation of the N items and one 62-bit seed per position; rank r of W takes
-    positions r, r + W, ... (the tail that does not divide by W is dropped), so the images of an
-    optimizer step are the same for any number of ranks. A ``DistributedSampler``, so Lightning
-    sets its epoch and does not replace it under DDP.
-    """
-
-    def __init__(self, dataset: Dataset, seed: int = 0, num_replicas: int = 1, rank: int = 0) -> None:
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True)
-        self.skip = 0
-        """Items of this rank to leave out at the start of the next pass (a resumed epoch); reset by the pass."""
-
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        generator = derived_generator(self.seed, DATA, self.epoch)
-        order = torch.randperm(len(self.dataset), generator=generator).tolist()
-        seeds = torch.randint(0, 2**62, (len(self.dataset),), generator=generator).tolist()
-        positions = range(self.rank, self.total_size, self.num_replicas)[self.skip :]
-        self.skip = 0
-        for p in positions:
-            yield order[p], seeds[p]
-
-
-class ResumableLoader(DataLoader):
-    """A DataLoader over :class:`ShuffledEpochs` whose ``state_dict`` is (epoch, batches served in it).
-
-    Lightning saves the state of a loader that has ``state_dict`` / ``load_state_dict`` in every
-    checkpoint and hands it back before a resumed fit's first batch (its loops restore their own
-    position within the epoch); a plain DataLoader would start the epoch's data over. Batches are
-    counted as they leave the loader, so worker prefetching does not shift the count.
-    """
-
-    sampler: ShuffledEpochs
-
-    def __init__(self, dataset: Dataset, batch_size: int, sampler: ShuffledEpochs, **kwargs: Any) -> None:
-        super().__init__(dataset, batch_size=batch_size, sampler=sampler, drop_last=True, **kwargs)
-        self._served = 0
-        self._resume: tuple[int, int] | None = None
-
-    def __iter__(self) -> Iterator[Any]:
-        # A generator: this body runs at the first batch, after Lightning has set the sampler's epoch.
-        if self._resume is not None and self._resume[0] == self.sampler.epoch:
-            self._served = self._resume[1]
-        else:  # a new epoch (also when the checkpoint was written at the end of the previous one)
-            self._served = 0
-        self._resume = None
-        self.sampler.skip = self._served * self.batch_size
-        for batch in super().__iter__():
-            self._served += 1
-            yield batch
-
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.sampler.epoch, "batches": self._served}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self._resume = (int(state["epoch"]), int(state["batches"]))
-
-
-class InMemoryDataModule(L.LightningDataModule):
-    """Loads (images, labels, class names) once, splits off a fixed validation set, serves tensor batches.
+class ImageDataModule(L.LightningDataModule):
+    """Lists a source's items once (:meth:`catalog`), splits off a fixed validation set, serves batches.
 
     ``batch_size`` is the global batch: images per optimizer step, summed over all processes and
     accumulated micro-batches. :meth:`split_batch` divides it among them before a fit, so changing
@@ -150,11 +72,15 @@ class InMemoryDataModule(L.LightningDataModule):
     ``val_fraction`` of the images (rounded) is held out for validation. ``val_fraction=0`` trains
     without validation (no val/loss, no best.ckpt), which :meth:`setup` warns about; a fraction
     above 0 that rounds to no image is refused, naming the fraction that holds out one.
+
+    ``in_memory``: ``auto`` decodes the set once into memory when its tensor is at most
+    :data:`IN_MEMORY_MAX_BYTES`, else decodes each batch in ``num_workers`` DataLoader workers;
+    ``true`` / ``false`` force either. ``num_workers`` must be at most the CPUs this process may use.
     """
 
     def __init__(
         self, resolution: int, channels: int, batch_size: int = 64, val_fraction: float = 0.1,
-        hflip: bool = False, split_seed: int = 0, seed: int = 0,
+        hflip: bool = False, split_seed: int = 0, seed: int = 0, in_memory: bool | str = "auto", num_workers: int = 0,
     ) -> None:
         super().__init__()
         if isinstance(resolution, bool) or not isinstance(resolution, int) or resolution <= 0:
@@ -168,12 +94,29 @@ class InMemoryDataModule(L.LightningDataModule):
             raise ConfigError(f"dataset.val_fraction must lie in [0, 1), got {val_fraction}")
         if channels not in (1, 3):
             raise ConfigError(f"dataset.channels must be 1 (grayscale) or 3 (RGB), got {channels}")
+        if in_memory not in (True, False, "auto"):
+            raise ConfigError(f"dataset.in_memory must be auto, true or false, got {in_memory!r}")
+        cpus = usable_cpus()
+        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or not 0 <= num_workers <= cpus:
+            raise ConfigError(
+                f"dataset.num_workers={num_workers!r} cannot start here: it must be an integer from 0 (decode in the "
+                f"training process) to {cpus}, the CPUs this process may use"
+            )
+        self.in_memory, self.num_workers = in_memory, num_workers
         self.resolution, self.channels, self.seed = resolution, channels, seed
         self.batch_size, self.val_fraction, self.hflip, self.split_seed = batch_size, val_fraction, hflip, split_seed
         self.device_batch_size = batch_size
-        self.train_set: TensorImages | None = None
-        self.val_set: TensorImages | None = None
+        self.train_set: ImageSet | None = None
+        self.val_set: ImageSet | None = None
         self.class_names: list[str] = []
+        self.captions: list[str] | None = None
+        """One caption per item in the source's order when the source has captions, else None."""
+        self.stored_latents: dict | None = None
+        """The VAE (fingerprint, shape, posterior) of the latents the source serves instead of images, if it does."""
+        self.decoded_in_memory = False
+        self.loaders: list[DataLoader] = []
+        """The loaders handed out, whose persistent workers :meth:`teardown` stops."""
+        """Whether :meth:`setup` decoded the set into memory (``in_memory``, or ``auto`` below the threshold)."""
         self.encoded: tuple[TensorImages, TensorImages] | None = None
         """(train, val) cached latents when training reads them (:meth:`serve_latents`)."""
 
@@ -187,26 +130,53 @@ class InMemoryDataModule(L.LightningDataModule):
         self.device_batch_size = device_batch_size(self.batch_size, world_size, accumulate_grad_batches)
         return self.device_batch_size
 
-    def load(self) -> tuple[Tensor, Tensor, list[str]]:
-        """All images (N, channels, resolution, resolution) in [-1, 1], labels (N,) long, class names."""
+    def catalog(self) -> Catalog:
+        """The source's items, labels (N,) long, class names and captions, listed without decoding the images."""
         raise NotImplementedError
+
+    @property
+    def image_shape(self) -> tuple[int, ...]:
+        """The shape (C, H, W) of one image."""
+        return (self.channels, self.resolution, self.resolution)
+
+    @property
+    def item_shape(self) -> tuple[int, ...]:
+        """The shape of one item as the loaders serve it: the image's, or a stored latent's."""
+        return self.image_shape
+
+    def workers(self) -> dict[str, object]:
+        """DataLoader settings of the lazy path: workers (kept between epochs), pinned memory on a GPU."""
+        if self.decoded_in_memory:
+            return {}
+        on_gpu = self.trainer is not None and self.trainer.accelerator.__class__.__name__ == "CUDAAccelerator"
+        workers = {"num_workers": self.num_workers, "persistent_workers": self.num_workers > 0}
+        return {**workers, "pin_memory": on_gpu}
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
-        images, labels, self.class_names = self.load()
-        expected = (self.channels, self.resolution, self.resolution)
-        if tuple(images.shape[1:]) != expected:
-            raise ConfigError(f"dataset gives images of shape {tuple(images.shape[1:])}, expected {expected}")
-        order = torch.randperm(len(images), generator=torch.Generator().manual_seed(self.split_seed))
-        n_val = self._num_val(len(images))
+        catalog = self.catalog()
+        labels, self.class_names, self.captions = catalog.labels, catalog.class_names, catalog.captions
+        first = tuple(catalog.items.__getitems__([0]).shape[1:])
+        if first != self.item_shape:
+            raise ConfigError(f"dataset gives items of shape {first}, expected {self.item_shape}")
+        order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(self.split_seed))
+        n_val = self._num_val(len(labels))
         val, train = order[:n_val], order[n_val:]
         if len(train) < self.batch_size:
             raise ConfigError(
                 f"the training split has {len(train)} images, fewer than dataset.batch_size={self.batch_size}"
             )
-        self.train_set = TensorImages(images[train], labels[train], self.hflip)
-        self.val_set = TensorImages(images[val], labels[val])
+        nbytes = 4 * len(labels) * math.prod(self.item_shape)
+        self.decoded_in_memory = nbytes <= IN_MEMORY_MAX_BYTES if self.in_memory == "auto" else self.in_memory
+        captions = (lambda idx: None) if self.captions is None else (lambda idx: [self.captions[i] for i in idx])
+        if self.decoded_in_memory:
+            images = decode_all(catalog.items, self.num_workers)
+            self.train_set = TensorImages(images[train], labels[train], self.hflip, captions=captions(train))
+            self.val_set = TensorImages(images[val], labels[val], captions=captions(val))
+        else:
+            self.train_set = LazyImages(catalog.items, train.tolist(), labels[train], self.hflip, captions(train))
+            self.val_set = LazyImages(catalog.items, val.tolist(), labels[val], captions=captions(val))
 
     def _num_val(self, n: int) -> int:
         """The size of the validation split of ``n`` images; refused if it rounds to 0, warned about if it is 0."""
@@ -229,17 +199,18 @@ class InMemoryDataModule(L.LightningDataModule):
         return n_val
 
     @property
-    def train_source(self) -> TensorImages:
+    def train_source(self) -> ImageSet:
         """What training reads: the training images, or their cached latents."""
         return self.train_set if self.encoded is None else self.encoded[0]
 
     @property
-    def val_source(self) -> TensorImages:
+    def val_source(self) -> ImageSet:
         """What validation reads: the held-out images, or their cached latents."""
         return self.val_set if self.encoded is None else self.encoded[1]
 
     def split(self, name: str) -> tuple[Tensor, Tensor]:
-        """(images (M, C, H, W) in [-1, 1], labels (M,)) of the ``train``, ``val`` or ``all`` split, un-augmented."""
+        """(images (M, C, H, W) in [-1, 1], labels (M,)) of the ``train``, ``val`` or ``all`` split, un-augmented
+        (decoded whole, also on the lazy path)."""
         if name not in SPLITS:
             raise ConfigError(f"split={name!r} is not one of {', '.join(SPLITS)}")
         self.setup("fit")
@@ -251,7 +222,19 @@ class InMemoryDataModule(L.LightningDataModule):
         trainer = self.trainer
         ranks = {"num_replicas": trainer.world_size, "rank": trainer.global_rank} if trainer is not None else {}
         sampler = ShuffledEpochs(self.train_source, self.seed, **ranks)
-        return ResumableLoader(self.train_source, self.device_batch_size, sampler, collate_fn=_batch_as_is)
+        loader = ResumableLoader(self.train_source, self.device_batch_size, sampler, collate_fn=batch_as_is, **self.workers())
+        self.loaders.append(loader)
+        return loader
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_source, batch_size=self.device_batch_size, collate_fn=_batch_as_is)
+        loader = DataLoader(self.val_source, batch_size=self.device_batch_size, collate_fn=batch_as_is, **self.workers())
+        self.loaders.append(loader)
+        return loader
+
+    def teardown(self, stage: str) -> None:
+        """Stop the loaders' persistent workers at the end of a fit, not when the loaders are garbage-collected."""
+        for loader in self.loaders:
+            if getattr(loader, "_iterator", None) is not None and loader.persistent_workers:
+                loader._iterator._shutdown_workers()
+                loader._iterator = None
+        self.loaders = []

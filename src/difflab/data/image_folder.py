@@ -1,6 +1,11 @@
 """A folder of the user's images, flat or one sub-folder per class (the ImageFolder layout).
 
-Images are read upright (their EXIF orientation applied) on the scale of their bit depth: 8-bit
+Every file's header is checked before training (a zero-byte file, a file that is no image, an image
+smaller than ``resolution`` or over the pixel limit is named, or skipped with a warning and a count
+when ``skip_bad=true``); the pixels are decoded later, in DataLoader workers on the lazy path.
+
+Modes are converted to ``channels``: palette (P), gray (L, LA), RGB, RGBA and CMYK images by Pillow's
+``convert`` (an alpha channel is dropped: the colour under it is kept). Images are read upright (their EXIF orientation applied) on the scale of their bit depth: 8-bit
 images as 0..255, 16-bit ones (modes I;16, I;16B, ...) divided by 65535, 32-bit integer ones (mode I,
 as Pillow opens some 16-bit files) on the same 16-bit scale, float ones (mode F) as [0, 1]; values
 outside that scale are refused rather than clipped.
@@ -12,12 +17,16 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import warnings
+
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import Tensor
+from torch.utils.data import Dataset
 
-from difflab.data.base import InMemoryDataModule
+from difflab.data.base import Catalog, ImageDataModule
+from difflab.data.images import Items, read_batches
 from difflab.errors import ConfigError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -47,7 +56,7 @@ def _no_pillow_pixel_limit() -> Iterator[None]:
         Image.MAX_IMAGE_PIXELS = saved
 
 
-def _on_8bit_scale(img: Image.Image, full: float, path: Path) -> Image.Image:
+def _on_8bit_scale(img: Image.Image, full: float, path: object) -> Image.Image:
     """A high-bit-depth image as mode F on the 8-bit scale [0, 255] (white ``full`` -> 255)."""
     x = np.asarray(img, dtype=np.float32)
     if not np.all((x >= 0) & (x <= full)):
@@ -58,29 +67,23 @@ def _on_8bit_scale(img: Image.Image, full: float, path: Path) -> Image.Image:
     return Image.fromarray(x * np.float32(255 / full))
 
 
-def load_image(path: Path, resolution: int, channels: int, max_image_pixels: int = PILLOW_MAX_IMAGE_PIXELS) -> Tensor:
-    """One image, upright, resized (shorter side) and centre-cropped to resolution^2, as (C, H, W) in [-1, 1].
+def too_many_pixels(width: int, height: int, max_image_pixels: int) -> str | None:
+    """Why an image of width x height is refused as a decompression bomb, or None if it is within the limit."""
+    if width * height <= max_image_pixels:
+        return None
+    return (
+        f"has {width}x{height} = {width * height} pixels, more than dataset.max_image_pixels={max_image_pixels} "
+        f"(the decompression-bomb limit, by default Pillow's PIL.Image.MAX_IMAGE_PIXELS={PILLOW_MAX_IMAGE_PIXELS}): "
+        "if you trust the file, raise dataset.max_image_pixels above its pixel count, or shrink the image"
+    )
 
-    An image of more than ``max_image_pixels`` pixels is refused before it is decoded (a decompression bomb).
-    """
-    try:
-        with _no_pillow_pixel_limit(), Image.open(path) as img:
-            if img.width * img.height > max_image_pixels:
-                raise ConfigError(
-                    f"image {path} has {img.width}x{img.height} = {img.width * img.height} pixels, more than "
-                    f"dataset.max_image_pixels={max_image_pixels} (the decompression-bomb limit, by default Pillow's "
-                    f"PIL.Image.MAX_IMAGE_PIXELS={PILLOW_MAX_IMAGE_PIXELS}): if you trust the file, raise "
-                    "dataset.max_image_pixels above its pixel count, or shrink the image"
-                )
-            img = ImageOps.exif_transpose(img)
-            full = _full_scale(img.mode)
-            img = _on_8bit_scale(img, full, path) if full else img.convert("L" if channels == 1 else "RGB")
-            img = ImageOps.fit(img, (resolution, resolution), method=Image.Resampling.BICUBIC)
-    except (UnidentifiedImageError, OSError) as err:
-        raise ConfigError(
-            f"cannot read image {path}: {err} (every file with an image extension under dataset.path must be an "
-            "image file PIL can open: remove or replace it)"
-        ) from err
+
+def image_tensor(img: Image.Image, resolution: int, channels: int, name: object) -> Tensor:
+    """An opened image upright, in ``channels``, resized (shorter side) and centre-cropped: (C, H, W) in [-1, 1]."""
+    img = ImageOps.exif_transpose(img)
+    full = _full_scale(img.mode)
+    img = _on_8bit_scale(img, full, name) if full else img.convert("L" if channels == 1 else "RGB")
+    img = ImageOps.fit(img, (resolution, resolution), method=Image.Resampling.BICUBIC)
     x = np.asarray(img, dtype=np.float32)
     if x.ndim == 2 and channels == 3:  # a high-bit-depth gray image: gray to RGB copies it, as Pillow's convert does
         x = np.repeat(x[:, :, None], 3, axis=2)
@@ -88,20 +91,84 @@ def load_image(path: Path, resolution: int, channels: int, max_image_pixels: int
     return x.permute(2, 0, 1) / 127.5 - 1
 
 
+def load_image(path: Path, resolution: int, channels: int, max_image_pixels: int = PILLOW_MAX_IMAGE_PIXELS) -> Tensor:
+    """One image file as :func:`image_tensor`; more than ``max_image_pixels`` pixels are refused before decoding."""
+    try:
+        with _no_pillow_pixel_limit(), Image.open(path) as img:
+            if problem := too_many_pixels(img.width, img.height, max_image_pixels):
+                raise ConfigError(f"image {path} {problem}")
+            return image_tensor(img, resolution, channels, path)
+    except (UnidentifiedImageError, OSError) as err:
+        raise ConfigError(
+            f"cannot read image {path}: {err} (every file with an image extension under dataset.path must be an "
+            "image file PIL can open: remove or replace it)"
+        ) from err
+
+
 def _listing(names: list[str]) -> str:
     """The first few of ``names``, comma-separated, '...' if there are more."""
     return ", ".join(names[:SHOWN]) + (", ..." if len(names) > SHOWN else "")
 
 
-class ImageFolderDataModule(InMemoryDataModule):
+def header_problem(path: Path, resolution: int, max_image_pixels: int, upscale: bool) -> str | None:
+    """Why ``path`` cannot be trained on, from its size and header alone (no decoding), or None if it can."""
+    if path.stat().st_size == 0:
+        return "is empty (0 bytes)"
+    try:
+        with _no_pillow_pixel_limit(), Image.open(path) as img:
+            width, height = img.size
+    except (UnidentifiedImageError, OSError) as err:
+        return f"is not an image PIL can open ({err})"
+    if problem := too_many_pixels(width, height, max_image_pixels):
+        return problem
+    if min(width, height) < resolution and not upscale:
+        return (
+            f"is {width}x{height}, smaller than dataset.resolution={resolution} on its shorter side: lower "
+            "dataset.resolution, or set dataset.upscale=true to enlarge small images"
+        )
+    return None
+
+
+class ImageFiles(Items):
+    """Image files decoded by :func:`load_image` when fetched."""
+
+    def __init__(self, files: list[Path], resolution: int, channels: int, max_image_pixels: int) -> None:
+        self.files, self.resolution, self.channels, self.max_image_pixels = files, resolution, channels, max_image_pixels
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> Tensor:
+        return load_image(self.files[i], self.resolution, self.channels, self.max_image_pixels)
+
+
+class FileProblems(Dataset):
+    """The header problem of each file (``''`` for none), computed in DataLoader workers."""
+
+    def __init__(self, files: list[Path], resolution: int, max_image_pixels: int, upscale: bool) -> None:
+        self.files, self.args = files, (resolution, max_image_pixels, upscale)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> str:
+        return header_problem(self.files[i], *self.args) or ""
+
+    def __getitems__(self, indices: list[int]) -> list[str]:
+        return [self[i] for i in indices]
+
+
+class ImageFolderDataModule(ImageDataModule):
     """Images under ``path``: either one sub-folder per class (sorted names), or flat (one unlabeled set).
 
     ``max_image_pixels``: images with more pixels are refused as decompression bombs (default Pillow's limit).
+    ``skip_bad``: leave out unreadable, empty, too-small or too-large files with a warning that counts them,
+    instead of refusing the folder. ``upscale``: enlarge images smaller than ``resolution`` instead of refusing them.
     """
 
     def __init__(
         self, path: str, resolution: int = 32, channels: int = 3, max_image_pixels: int = PILLOW_MAX_IMAGE_PIXELS,
-        **kwargs,
+        skip_bad: bool = False, upscale: bool = False, **kwargs,
     ) -> None:
         super().__init__(resolution=resolution, channels=channels, **kwargs)
         if isinstance(max_image_pixels, bool) or not isinstance(max_image_pixels, int) or max_image_pixels <= 0:
@@ -110,7 +177,7 @@ class ImageFolderDataModule(InMemoryDataModule):
                 f" got {max_image_pixels!r}"
             )
         self.path = Path(path).expanduser() if path else None
-        self.max_image_pixels = max_image_pixels
+        self.max_image_pixels, self.skip_bad, self.upscale = max_image_pixels, skip_bad, upscale
 
     def files(self) -> tuple[list[Path], list[int], list[str]]:
         """Image files, their class index and the class names; class folders beside top-level images are refused."""
@@ -138,7 +205,28 @@ class ImageFolderDataModule(InMemoryDataModule):
         names = [name for name, _ in groups] if groups[0][0] else []
         return files, labels, names
 
-    def load(self) -> tuple[Tensor, Tensor, list[str]]:
+    def readable(self, files: list[Path]) -> list[bool]:
+        """Whether each file passes :func:`header_problem`; refuses the folder naming the bad ones unless skip_bad."""
+        checks = FileProblems(files, self.resolution, self.max_image_pixels, self.upscale)
+        problems = [p for batch in read_batches(checks, self.num_workers) for p in batch]
+        bad = [f"{f} {p}" for f, p in zip(files, problems) if p]
+        if bad and not self.skip_bad:
+            raise ConfigError(
+                f"{len(bad)} of the {len(files)} images under dataset.path={self.path} cannot be trained on: "
+                f"{'; '.join(bad[:SHOWN])}{'; ...' if len(bad) > SHOWN else ''} (remove or replace them, or set "
+                "dataset.skip_bad=true to leave them out)"
+            )
+        if bad:
+            warnings.warn(f"dataset.skip_bad=true: skipped {len(bad)} of {len(files)} images: {bad[0]}", stacklevel=2)
+        return [not p for p in problems]
+
+    def catalog(self) -> Catalog:
         files, labels, names = self.files()
-        images = torch.stack([load_image(f, self.resolution, self.channels, self.max_image_pixels) for f in files])
-        return images, torch.tensor(labels, dtype=torch.long), names
+        keep = self.readable(files)
+        files = [f for f, k in zip(files, keep) if k]
+        if not files:
+            raise ConfigError(f"dataset.path={self.path}: every image was skipped (dataset.skip_bad=true)")
+        labels = [y for y, k in zip(labels, keep) if k]
+        items = ImageFiles(files, self.resolution, self.channels, self.max_image_pixels)
+        return Catalog(items, torch.tensor(labels, dtype=torch.long), names)
+

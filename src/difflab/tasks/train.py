@@ -24,7 +24,7 @@ from difflab.callbacks.preemption import Preemption
 from difflab.checkpointing import AtomicCheckpointIO, remove_orphan_temporaries
 from difflab.distributed import RankConsistency, forward_signals_to_children, launch_settings
 from difflab.errors import ConfigError
-from difflab.latent import cached_latents
+from difflab.latent import cached_latents, use_stored_latents
 from difflab.module import DiffusionModule
 from difflab.run_lock import RunDirLock
 from difflab.tasks.checks import check_training_settings
@@ -45,11 +45,13 @@ def train(cfg: DictConfig) -> dict[str, float]:
     datamodule.setup("fit")  # bad data fails here, before a trainer or any output exists
     cfg = training_config(cfg, list(datamodule.class_names))
     module = build_module(cfg)
-    data_shape = tuple(datamodule.train_set.images.shape[1:])
+    data_shape = datamodule.image_shape
     if data_shape != module.image_shape:
         raise ConfigError(f"the dataset's images are {data_shape} but the model expects {module.image_shape}")
     module.noise.check_num_samples(len(datamodule.train_set))
-    if module.latent is not None and module.latent.cache and not cfg.get("dry_run"):  # serve the cached latents
+    if datamodule.stored_latents is not None:  # latent shards: the encoder stays out of the loop
+        use_stored_latents(module.latent, datamodule.stored_latents)
+    elif module.latent is not None and module.latent.cache and not cfg.get("dry_run"):  # serve the cached latents
         path, train_latents, val_latents = cached_latents(datamodule, module.latent, cfg.seed)
         datamodule.serve_latents(train_latents, val_latents)
         print(f"latent cache: {show(path)}", flush=True)
@@ -81,7 +83,7 @@ def train_vae(cfg: DictConfig) -> dict[str, float]:
     datamodule = instantiate_node(cfg.dataset, "dataset")
     datamodule.setup("fit")
     module = build_autoencoder(cfg)
-    latent_shape(module.vae, datamodule.train_set.images.shape[1:])  # channels and size checked before training
+    latent_shape(module.vae, datamodule.image_shape)  # channels and size checked before training
     return fit(cfg, module, datamodule)
 
 
