@@ -3,6 +3,7 @@
     python bench/data.py loaders [--rounds 3]          # img/s of each source's training loader, 32 and 64 px
     python bench/data.py memory [--sizes 1000 100000]  # peak RSS and time to the first optimizer step of train.py
     python bench/data.py shards [--n 20000]            # shard write speed, read throughput with 1 and 2 processes
+    python bench/data.py headers [--n 5000]            # the header check per file: PNG IHDR read vs PIL.Image.open
 
 Every dataset is synthetic (python -m difflab.data.synthetic's generator), written under --work (default
 /tmp/difflab_bench_data; the 100,000-PNG folder is ~1.2 GB). Loader throughput is images per second over
@@ -187,9 +188,37 @@ def shards(args: argparse.Namespace) -> None:
               f"({json.dumps([n for n, _ in results])} images per process)")
 
 
+def headers(args: argparse.Namespace) -> None:
+    """Microseconds per file of the pre-training header check: difflab's PNG IHDR read against PIL.Image.open,
+    alternating over --rounds passes of --n 64x64 PNGs (the first pass of each warms the file cache)."""
+    from PIL import Image
+
+    from difflab.data.image_folder import png_size
+    from difflab.data.synthetic import write_folder
+
+    folder = Path(args.work) / f"folder64_{args.n}"
+    if not folder.is_dir():
+        write_folder(folder, args.n, 64, classes=10, captions=True)
+    files = sorted(folder.rglob("*.png"))
+
+    def pil_size(path: Path) -> tuple[int, int]:
+        with Image.open(path) as img:
+            return img.size
+
+    times: dict[str, list[float]] = {"png_size": [], "PIL.Image.open": []}
+    for _ in range(args.rounds + 1):
+        for name, size in (("png_size", png_size), ("PIL.Image.open", pil_size)):
+            start = time.perf_counter()
+            sizes = [size(f) for f in files]
+            times[name].append((time.perf_counter() - start) / len(files) * 1e6)
+            assert sizes == [(64, 64)] * len(files)
+    for name, ts in times.items():
+        print(f"{name}: {statistics.median(ts[1:]):.1f} us/file (rounds {', '.join(f'{t:.1f}' for t in ts[1:])})")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("what", choices=["loaders", "memory", "shards"])
+    parser.add_argument("what", choices=["loaders", "memory", "shards", "headers"])
     parser.add_argument("--work", default=str(WORK))
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--batches", type=int, default=100)
@@ -197,7 +226,7 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 100000])
     args = parser.parse_args()
     Path(args.work).mkdir(parents=True, exist_ok=True)
-    {"loaders": loaders, "memory": memory, "shards": shards}[args.what](args)
+    {"loaders": loaders, "memory": memory, "shards": shards, "headers": headers}[args.what](args)
 
 
 if __name__ == "__main__":

@@ -234,3 +234,17 @@ def test_skip_bad_leaves_out_bad_files_with_a_warning_that_counts_them(tmp_path)
     upscaled = ImageFolderDataModule(path=str(tmp_path), resolution=8, batch_size=1, val_fraction=0.25, upscale=True)
     upscaled.setup()
     assert len(upscaled.train_set) + len(upscaled.val_set) == 4
+
+
+def test_the_png_header_read_agrees_with_pillow_and_leaves_other_files_to_it(tmp_path):
+    from difflab.data.image_folder import header_problem, png_size
+
+    Image.new("RGB", (37, 21)).save(tmp_path / "a.png")
+    Image.new("RGB", (37, 21)).save(tmp_path / "b.jpg")
+    (tmp_path / "c.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 8)  # a PNG signature and nothing after it
+    assert png_size(tmp_path / "a.png") == Image.open(tmp_path / "a.png").size == (37, 21)
+    assert png_size(tmp_path / "b.jpg") is None and png_size(tmp_path / "c.png") is None
+    assert header_problem(tmp_path / "b.jpg", 16, 10**6, False) is None
+    assert "smaller than dataset.resolution=32" in header_problem(tmp_path / "a.png", 32, 10**6, False)
+    assert "is not an image PIL can open" in header_problem(tmp_path / "c.png", 16, 10**6, False)
+    assert "has 37x21 = 777 pixels, more than dataset.max_image_pixels=700" in header_problem(tmp_path / "a.png", 16, 700, False)
