@@ -209,7 +209,7 @@ class TextConditioning(Conditioning):
 
     def too_long(self, captions: Sequence[str]) -> list[tuple[str, int]]:
         """The captions longer than the context, with their lengths in tokens."""
-        lengths = [len(ids) for ids in self.tokenizer(list(captions))["input_ids"]]
+        lengths = [len(ids) for ids in self.tokenizer(list(captions), verbose=False)["input_ids"]]
         return [(c, n) for c, n in zip(captions, lengths) if n > self.max_length]
 
     def warn_truncated(self, captions: Sequence[str]) -> None:
