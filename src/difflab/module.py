@@ -325,8 +325,8 @@ class DiffusionModule(L.LightningModule):
         """Refuse classifier-free guidance (w != 1) on a model that never learned the unconditional eps."""
         if guidance_scale != 1.0 and self.p_uncond <= 0:
             raise ValueError(
-                f"guidance_scale={guidance_scale} needs a model trained with label or caption dropout "
-                f"(conditioning=class or text, p_uncond > 0); this one has num_classes={self.num_classes}, "
+                f"guidance_scale={guidance_scale} needs a model trained with label dropout "
+                f"(conditioning=class, p_uncond > 0; or caption dropout, conditioning=text); this one has num_classes={self.num_classes}, "
                 f"p_uncond={self.p_uncond}: use guidance_scale=1"
             )
 
