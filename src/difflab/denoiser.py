@@ -21,10 +21,15 @@ class UNetDenoiser(nn.Module):
     """Adapter from diffusers' ``UNet2DModel(x, t, class_labels).sample`` to ``output = f(x_t, t, y)``.
 
     The UNet's channels: ``in_channels`` = C (2C with self-conditioning: x_t and the previous x0_hat),
-    ``out_channels`` = C (2C with a learned variance: the prediction and nu).
+    ``out_channels`` = C (2C with a learned variance: the prediction and nu). With a ``text_encoder``
+    (conditioning=text) y is token ids (B, L) and the UNet (a UNet2DConditionModel) cross-attends to the
+    encoder's last hidden states (B, L, D); the encoder is part of the network (trained, averaged, saved with it).
     """
 
-    def __init__(self, unet: UNet2DModel, learn_variance: bool = False, self_condition: bool = False) -> None:
+    def __init__(
+        self, unet: UNet2DModel, learn_variance: bool = False, self_condition: bool = False,
+        text_encoder: nn.Module | None = None,
+    ) -> None:
         super().__init__()
         factor = downsampling_factor(unet)
         size = unet.config.sample_size
@@ -42,6 +47,7 @@ class UNetDenoiser(nn.Module):
                 f"{channels}-channel data with learn_variance={learn_variance}, self_condition={self_condition}"
             )
         self.unet, self.learn_variance, self.self_condition = unet, learn_variance, self_condition
+        self.text_encoder = text_encoder
 
     @property
     def sample_shape(self) -> tuple[int, int, int]:
@@ -53,8 +59,11 @@ class UNetDenoiser(nn.Module):
     def forward(self, x_t: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
         """The raw output (B, C or 2C, H, W); x_t (B, C or 2C, H, W), t (B,), y (B,) long class ids or None.
 
-        An unconditional UNet ignores y (classifier guidance passes labels to the classifier only).
+        An unconditional UNet ignores y (classifier guidance passes labels to the classifier only); with a text
+        encoder y is token ids (B, L).
         """
+        if self.text_encoder is not None:
+            return self.unet(x_t, t, encoder_hidden_states=self.text_encoder(y).last_hidden_state).sample
         return self.unet(x_t, t, class_labels=y if self.unet.class_embedding is not None else None).sample
 
 

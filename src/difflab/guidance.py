@@ -34,6 +34,19 @@ class Conditioning:
         """The labels the network sees in training: none."""
         return None
 
+    def training_condition(self, batch: Sequence, generator: torch.Generator | None = None) -> Tensor | None:
+        """What the network is conditioned on for a training batch (images, labels[, captions]): its labels after
+        dropout (:meth:`training_labels`)."""
+        return self.training_labels(batch[1], generator)
+
+    def condition(self, batch: Sequence) -> Tensor | None:
+        """What the network is conditioned on for a validation batch: its labels (none when unconditional)."""
+        return batch[1] if self.num_classes else None
+
+    def null_condition(self) -> int | Tensor | None:
+        """Classifier-free guidance's unconditional input: the null label (none when unconditional)."""
+        return self.num_classes
+
 
 class Unconditional(Conditioning):
     """No conditioning (``conditioning=none``): the UNet has no class embedding and sees no labels."""
@@ -87,15 +100,19 @@ class ClassifierFreeGuidance:
     guided output rescaled to the conditional output's per-sample std; 0 disables it.
     """
 
-    def __init__(self, denoiser: Denoiser, scale: float, null_label: int, rescale: float = 0.0) -> None:
+    def __init__(self, denoiser: Denoiser, scale: float, null_label: int | Tensor, rescale: float = 0.0) -> None:
         if not 0.0 <= rescale <= 1.0:
             raise ValueError(f"guidance rescale must lie in [0, 1], got {rescale}")
         self.denoiser, self.scale, self.null_label, self.rescale = denoiser, scale, null_label, rescale
 
     def __call__(self, x_t: Tensor, t: Tensor, abar_t: Tensor, y: Tensor | None) -> Prediction:
+        """``null_label``: the null class id (y (B,)), or the empty / negative prompt's token ids (L,) (y (B, L))."""
         if y is None:
-            raise ValueError("classifier-free guidance needs class labels y")
-        null = torch.full_like(y, self.null_label)
+            raise ValueError("classifier-free guidance needs class labels or prompts y")
+        if isinstance(self.null_label, Tensor):
+            null = self.null_label.to(y.device).expand_as(y)
+        else:
+            null = torch.full_like(y, self.null_label)
         if self.scale == 1.0:
             return self.denoiser(x_t, t, abar_t, y)
         if self.scale == 0.0:

@@ -258,10 +258,10 @@ class DiffusionModule(L.LightningModule):
             sampler.log_sigma2(pred, *variances), variances[2].log(), t == 0, discrete=self.pixel_space,
         )
 
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+    def training_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> Tensor:
         generator = self.step_generator()
         self._micro_batch += 1
-        y = self.conditioning.training_labels(batch[1], generator)
+        y = self.conditioning.training_condition(batch, generator)
         losses, t, importance = self.losses(self.diffusion_data(batch[0], generator), self.net, y, generator)
         loss = (losses if importance is None else importance * losses).mean()
         if self.timesteps.kind != "uniform":  # every rank records every rank's losses, so all sample alike
@@ -289,10 +289,10 @@ class DiffusionModule(L.LightningModule):
             self.log("train/images_per_sec", images / (now - self._step_started))
         self._step_started = now
 
-    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+    def validation_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> None:
         """val/loss and val/loss_ema, also per quarter of [0, T) (``_q0`` .. ``_q3``), on fixed t and noise."""
         x0 = self.diffusion_data(batch[0], torch.Generator(device=batch[0].device).manual_seed(batch_idx))
-        y = batch[1] if self.num_classes else None
+        y = self.conditioning.condition(batch)
         for name, net in (("val/loss", self.net), ("val/loss_ema", self.ema.module)):
             # The same t and noise for every validation pass, so the curve shows the model, not the draw.
             generator = torch.Generator(device=x0.device).manual_seed(batch_idx)
@@ -323,10 +323,10 @@ class DiffusionModule(L.LightningModule):
 
     def check_guidance_scale(self, guidance_scale: float) -> None:
         """Refuse classifier-free guidance (w != 1) on a model that never learned the unconditional eps."""
-        if guidance_scale != 1.0 and (not self.num_classes or self.p_uncond <= 0):
+        if guidance_scale != 1.0 and self.p_uncond <= 0:
             raise ValueError(
                 f"guidance_scale={guidance_scale} needs a model trained with label dropout "
-                f"(conditioning=class, p_uncond > 0); this one has num_classes={self.num_classes}, "
+                f"(conditioning=class, p_uncond > 0; or caption dropout, conditioning=text); this one has num_classes={self.num_classes}, "
                 f"p_uncond={self.p_uncond}: use guidance_scale=1"
             )
 
@@ -339,15 +339,18 @@ class DiffusionModule(L.LightningModule):
         classifier_scale: float = 0.0,
         sampler: Sampler | None = None,
         precision: Precision = "fp32",
+        null: Tensor | None = None,
     ) -> Denoiser:
         """pred = f(x_t, t, abar_t, y): the (EMA) network, wrapped in classifier-free and/or classifier guidance.
 
-        Classifier guidance takes the mean-shift form for a DDPM ``sampler``, the eps form otherwise.
+        Classifier guidance takes the mean-shift form for a DDPM ``sampler``, the eps form otherwise. ``null``:
+        the unconditional pass's input if not the conditioning's own (a negative prompt's token ids (L,)).
         """
         denoiser: Denoiser = self.denoiser(self.ema.module if use_ema else self.net, precision)
         self.check_guidance_scale(guidance_scale)
         if guidance_scale != 1.0:
-            denoiser = ClassifierFreeGuidance(denoiser, guidance_scale, self.null_label, guidance_rescale)
+            null = self.conditioning.null_condition() if null is None else null
+            denoiser = ClassifierFreeGuidance(denoiser, guidance_scale, null, guidance_rescale)
         if classifier is not None:
             shift = sampler.mean_shift_as_x0(self.schedule.alphas_cumprod) if isinstance(sampler, DDPM) else None
             denoiser = ClassifierGuidance(denoiser, self.classifier_on_data(classifier), classifier_scale, shift)

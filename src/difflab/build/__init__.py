@@ -21,10 +21,18 @@ from difflab.build.checkpoints import (
     resolve_checkpoint,
 )
 from difflab.build.config import config_error, instantiate_node, root_cause, upgrade_run_config
-from difflab.build.objects import build_autoencoder, build_classifier, build_module, training_config, with_classes
+from difflab.build.objects import (
+    build_autoencoder,
+    build_classifier,
+    build_module,
+    text_conditioned,
+    training_config,
+    with_captions,
+    with_classes,
+)
 
 __all__ = [
     "build_autoencoder", "build_classifier", "build_module", "config_error", "instantiate_node", "load_checkpoint",
     "load_classifier", "module_from_checkpoint", "read_checkpoint", "resolve_checkpoint", "root_cause",
-    "training_config", "upgrade_run_config", "with_classes",
+    "text_conditioned", "training_config", "upgrade_run_config", "with_captions", "with_classes",
 ]

@@ -33,11 +33,42 @@ def with_classes(cfg: DictConfig, key: str, class_names: list[str], what: str) -
     return OmegaConf.merge(cfg, update)
 
 
-def training_config(cfg: DictConfig, class_names: list[str]) -> DictConfig:
+TEXT_CONDITIONING = "difflab.text.TextConditioning"
+SCRATCH_TEXT_ENCODER = "difflab.text.ScratchTextEncoder"
+
+
+def text_conditioned(cfg: DictConfig) -> bool:
+    """Whether ``cfg`` trains on captions (conditioning=text)."""
+    return OmegaConf.select(cfg, "conditioning._target_") == TEXT_CONDITIONING
+
+
+def with_captions(cfg: DictConfig) -> DictConfig:
+    """``cfg`` with ``dataset.captions=true`` where conditioning=text asks a dataset that makes its own (the digits)."""
+    if text_conditioned(cfg) and cfg.dataset.get("captions") is False:
+        return OmegaConf.merge(cfg, {"dataset": {"captions": True}})
+    return cfg
+
+
+def training_config(cfg: DictConfig, class_names: list[str], captions: list[str] | None = None) -> DictConfig:
     """The run config a train.py run saves: ``cfg`` with what the data and the VAE decide filled in: the classes of
-    class conditioning, the latent VAE's fingerprint (a later load refuses a changed VAE)."""
+    class conditioning, the tokenizer a scratch text encoder builds from the training ``captions`` (as JSON data),
+    the latent VAE's fingerprint (a later load refuses a changed VAE)."""
     if "num_classes" in (cfg.get("conditioning") or {}):
         cfg = with_classes(cfg, "conditioning", class_names, "conditioning=class")
+    if text_conditioned(cfg):
+        if not captions:
+            raise ConfigError(
+                f"conditioning=text needs captions, and dataset {cfg.dataset._target_} has none: the digits make their "
+                "own, image_folder reads metadata.jsonl (file_name, text), hf a dataset.caption_column, shards KEY.txt"
+            )
+        if not cfg.conditioning.get("sample_prompts"):
+            from difflab.text import sample_prompts
+
+            cfg = OmegaConf.merge(cfg, {"conditioning": {"sample_prompts": sample_prompts(captions)}})
+        if cfg.text_encoder._target_ == SCRATCH_TEXT_ENCODER and cfg.text_encoder.get("tokenizer") is None:
+            from difflab.text import build_tokenizer
+
+            cfg = OmegaConf.merge(cfg, {"text_encoder": {"tokenizer": build_tokenizer(captions)}})
     if OmegaConf.select(cfg, "latent._target_") is not None and not OmegaConf.is_missing(cfg.latent, "path"):
         vae_dir = Path(cfg.latent.path).expanduser()
         if cfg.latent.get("fingerprint") is None and (vae_dir / "config.json").is_file():  # else LatentSpace refuses it
@@ -74,7 +105,12 @@ def build_module(cfg: DictConfig) -> DiffusionModule:
     if "num_classes" in (cfg.get("conditioning") or {}) and not cfg.conditioning.num_classes:
         raise ConfigError("conditioning=class needs conditioning.num_classes (taken from a dataset with classes)")
     loss = instantiate_node(cfg.loss, "loss")
-    conditioning = instantiate_node(cfg.conditioning, "conditioning", _convert_="all")
+    text = {}
+    if text_conditioned(cfg):
+        if cfg.get("text_encoder") is None:
+            raise ConfigError("conditioning=text needs a text_encoder (text_encoder=scratch or clip)")
+        text = {"text_encoder": cfg.text_encoder}
+    conditioning = instantiate_node(cfg.conditioning, "conditioning", _convert_="all", **text)
     check_cross_attention(cfg, conditioning.unet_config())
     self_condition = bool(OmegaConf.select(cfg, "model.net.self_condition", default=False))
     unet: dict[str, Any] = {
@@ -83,12 +119,18 @@ def build_module(cfg: DictConfig) -> DiffusionModule:
         "out_channels": channels * (2 if loss.learn_variance else 1),
         **conditioning.unet_config(),
     }
+    net: dict[str, Any] = {"learn_variance": loss.learn_variance, "unet": unet}
+    if text:
+        from difflab.text import cross_attention_unet
+
+        unet |= cross_attention_unet(OmegaConf.to_container(cfg.model.net.unet))
+        net["text_encoder"] = conditioning.text_encoder.build()
     module = instantiate_node(
         cfg.model, "model", schedule=instantiate_node(cfg.schedule, "schedule"), objective=cfg.get("objective", "eps"),
         loss=loss, conditioning=conditioning, seed=int(cfg.get("seed", 0)),
         optimizer=instantiate_node(cfg.optimizer, "optimizer"),
         lr_scheduler=instantiate_node(cfg.lr_scheduler, "lr_scheduler") if cfg.get("lr_scheduler") else None,
-        net={"learn_variance": loss.learn_variance, "unet": unet},
+        net=net,
         noise=instantiate_node(cfg.noise, "noise", shape=(channels, size, size)) if cfg.get("noise") else None,
         latent=latent,
     )

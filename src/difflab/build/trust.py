@@ -24,6 +24,7 @@ BUILDABLE = frozenset({
     "difflab.schedule.NoiseSchedule.linear", "difflab.schedule.NoiseSchedule.cosine",
     "difflab.schedule.NoiseSchedule.scaled_linear", "difflab.schedule.NoiseSchedule.sigmoid",
     "difflab.objectives.DiffusionLoss", "difflab.guidance.ClassLabels", "difflab.guidance.Unconditional",
+    "difflab.text.TextConditioning", "difflab.text.ScratchTextEncoder", "difflab.text.PretrainedTextEncoder",
     "torch.optim.AdamW", "torch.optim.Adam", "torch.optim.SGD", "torch.optim.RAdam", "torch.optim.NAdam",
     "difflab.optim.constant", "difflab.optim.cosine",
     # noise, latent, dataset

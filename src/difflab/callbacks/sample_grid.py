@@ -9,7 +9,7 @@ import lightning as L
 import numpy as np
 from torch import Tensor
 
-from difflab.callbacks.shares import draw_share, fixed_labels, gather_shares
+from difflab.callbacks.shares import draw_share, fixed_labels, fixed_prompts, gather_shares
 from difflab.images import save_grid, to_uint8
 from difflab.module import DiffusionModule
 from difflab.samplers import Sampler
@@ -19,7 +19,8 @@ class SampleGrid(L.Callback):
     """Every ``every_n_steps`` optimizer steps and at the end, write ``<dirpath>/step_NNNNNN.png``.
 
     Uses the same ``DiffusionModule.generate`` as sample.py, with fixed noise; a class-conditional
-    model gets fixed labels, one class per row (at ``guidance_scale``). Under DDP every rank draws
+    model gets fixed labels, one class per row, a text model its ``conditioning.sample_prompts``, one prompt per
+    row, titled by the prompts in W&B (at ``guidance_scale``). Under DDP every rank draws
     its share of the grid at once and rank 0 saves it (:mod:`difflab.callbacks.shares`), so the
     grid is the same for any number of ranks.
     """
@@ -45,10 +46,13 @@ class SampleGrid(L.Callback):
         images = self._draw(trainer, module, num_samples, labels)
         if not trainer.is_global_zero:
             return None
-        path = save_grid(images, self.dirpath / f"step_{step:06d}.png", scale=self.scale, labels=labels)
+        prompts = fixed_prompts(module, self.num_samples)
+        rows = labels if prompts is None else np.unique(prompts, return_inverse=True)[1]
+        path = save_grid(images, self.dirpath / f"step_{step:06d}.png", scale=self.scale, labels=rows)
+        titles = {} if prompts is None else {"caption": [" | ".join(dict.fromkeys(prompts))]}  # rows, top to bottom
         for logger in trainer.loggers:
             if hasattr(logger, "log_image"):
-                logger.log_image(key="samples", images=[str(path)], step=step)
+                logger.log_image(key="samples", images=[str(path)], step=step, **titles)
         return path
 
     def _draw(self, trainer: L.Trainer, module: DiffusionModule, num_samples: int, labels: Tensor | None) -> np.ndarray:

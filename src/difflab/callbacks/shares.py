@@ -34,8 +34,22 @@ def gather_shares(trainer: L.Trainer, module: L.LightningModule, mine: Tensor, n
 
 
 def fixed_labels(module: DiffusionModule, num_samples: int) -> Tensor | None:
-    """The labels of a class-conditional model's fixed samples (every class equally often, at least ``num_samples``)."""
+    """The labels of a class-conditional model's fixed samples (every class equally often, at least ``num_samples``);
+    a text model's: the token ids (N, L) of :func:`fixed_prompts`."""
+    prompts = fixed_prompts(module, num_samples)
+    if prompts is not None:
+        return module.conditioning.token_ids(prompts, strict=True)
     return balanced_labels(module.num_classes, num_samples) if module.num_classes else None
+
+
+def fixed_prompts(module: DiffusionModule, num_samples: int) -> list[str] | None:
+    """A text model's prompts of its fixed samples: each of ``conditioning.sample_prompts`` equally often (at least
+    ``num_samples`` in all), prompt-major; None for other models."""
+    prompts = getattr(module.conditioning, "sample_prompts", None)
+    if not prompts:
+        return None
+    per_prompt = -(-num_samples // len(prompts))
+    return [p for p in prompts for _ in range(per_prompt)]
 
 
 def draw_share(
@@ -53,7 +67,7 @@ def draw_share(
     ``labels`` (num_samples,) for a class-conditional model; ``guidance_scale`` falls back to 1 on
     a model trained without label dropout (it has no unconditional eps to guide with).
     """
-    if not (module.num_classes and module.p_uncond > 0):
+    if module.p_uncond <= 0:
         guidance_scale = 1.0
     lo, hi, share = rank_share(num_samples, trainer.world_size, trainer.global_rank)
     mine = torch.zeros(share, *module.image_shape)

@@ -42,11 +42,18 @@ class ResizedDigits(Items):
 
 
 class DigitsDataModule(ImageDataModule):
-    """The digits, resized to ``resolution`` (16 by default: ~4x faster per image than 32 on CPU)."""
+    """The digits, resized to ``resolution`` (16 by default: ~4x faster per image than 32 on CPU); with ``captions``,
+    a caption per image in a phrasing drawn from ``seed`` (:data:`difflab.text.DIGIT_TEMPLATES`)."""
 
-    def __init__(self, resolution: int = 16, channels: int = 1, **kwargs) -> None:
+    def __init__(self, resolution: int = 16, channels: int = 1, captions: bool = False, **kwargs) -> None:
         super().__init__(resolution=resolution, channels=channels, **kwargs)
+        self.with_captions = captions
 
     def catalog(self) -> Catalog:
         raw, labels = digits_tensor(8)
-        return Catalog(ResizedDigits(raw, self.resolution), labels, [str(d) for d in range(10)])
+        captions = None
+        if self.with_captions:
+            from difflab.text import digit_captions
+
+            captions = digit_captions(labels, self.seed)
+        return Catalog(ResizedDigits(raw, self.resolution), labels, [str(d) for d in range(10)], captions)

@@ -75,6 +75,15 @@ def nll_data(cfg: DictConfig, datamodule: Any, module: DiffusionModule) -> tuple
     return images[:count], labels[:count] if module.num_classes else None
 
 
+def held_out_prompts(datamodule: Any, module: DiffusionModule) -> list[str] | None:
+    """A text model's prompts for FID / KID: the captions of its held-out split (of the training split if none is
+    held out), cycled by the sampling plan; None for other models."""
+    if not hasattr(module.conditioning, "token_ids"):
+        return None
+    datamodule.setup("fit")
+    return list(datamodule.val_set.captions or datamodule.train_set.captions)
+
+
 def evaluate(cfg: DictConfig, results_path: Path | None = None) -> dict[str, Any]:
     """FID / KID of samples and the NLL bound in bits/dim of ``cfg.ckpt``; writes ``<out_dir>/results.json``
     (or ``results_path``, given: the watcher's ``<run>/eval/step_XXXXXX.json``).
@@ -102,7 +111,7 @@ def evaluate(cfg: DictConfig, results_path: Path | None = None) -> dict[str, Any
     num_timesteps = module.schedule.num_timesteps
     plan, features = None, None
     if quality:
-        plan = sampling_plan(cfg, sampler, module, device)
+        plan = sampling_plan(cfg, sampler, module, device, held_out_prompts(datamodule, module))
         overrides = list(cfg.get("feature_classifier_overrides") or [])
         features = resolved_features(cfg.features, datamodule_config, overrides, train_classifier)
         features = instantiate_node(features, "features")

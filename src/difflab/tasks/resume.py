@@ -108,7 +108,7 @@ def restore_missing_best(cfg: DictConfig, last: Path, last_step: int) -> Path | 
 
 STATE_SHAPING = ("model.net", "schedule", "objective", "loss.learn_variance", "noise", "latent", "dataset.resolution",
                  "dataset.channels", "conditioning._target_", "conditioning.num_classes", "classifier.net",
-                 "autoencoder.vae")
+                 "autoencoder.vae", "text_encoder")
 """The settings a checkpoint's weights only work under: the network's shape and the process it learned."""
 
 

@@ -30,6 +30,8 @@ class SamplingPlan:
     class_names: list[str]
 
     batch_size: int = 64
+    prompts: list[str] | None = None
+    """A text model's prompt of every sample (its labels are their token ids (N, L))."""
 
     def draw(self, module: DiffusionModule, cfg: DictConfig) -> torch.Tensor:
         """The plan's images (N, C, H, W) in [-1, 1] from ``cfg.seed``, ``batch_size`` at a time."""
@@ -39,8 +41,11 @@ class SamplingPlan:
         )
 
 
-def sampling_plan(cfg: DictConfig, sampler: Sampler, module: DiffusionModule, device: torch.device) -> SamplingPlan:
-    """Check the guidance settings against the model (and ``cfg.classifier``) and pick the labels (:func:`sample`)."""
+def sampling_plan(
+    cfg: DictConfig, sampler: Sampler, module: DiffusionModule, device: torch.device, prompts: list[str] | None = None
+) -> SamplingPlan:
+    """Check the guidance settings against the model (and ``cfg.classifier``) and pick the labels (:func:`sample`);
+    a text model's prompts: ``prompts``, else ``cfg.prompt`` / ``cfg.prompts``, else its training grids' prompts."""
     module.check_sampler(sampler)
     try:
         module.check_guidance_scale(cfg.guidance_scale)
@@ -70,7 +75,16 @@ def sampling_plan(cfg: DictConfig, sampler: Sampler, module: DiffusionModule, de
         num_classes = k
         class_names = class_names or list(classifier.hparams["run_config"].get("class_names", []))
         guidance |= {"classifier": classifier.net, "classifier_scale": cfg.classifier_scale}
-    labels = sample_labels(cfg, num_classes, class_names, source)
+    prompts = sample_prompts(cfg, module, source, prompts)
+    if prompts is not None:
+        if cfg.classifier is not None:
+            raise ConfigError(f"classifier={cfg.classifier} cannot guide the text model {cfg.ckpt}: use guidance_scale")
+        if cfg.labels is not None:
+            raise ConfigError(f"labels={cfg.labels} given, but {source} is a text model: give prompts=[...] instead")
+        labels = module.conditioning.token_ids(prompts, strict=True)
+        guidance["null"] = module.conditioning.null_condition(cfg.get("negative_prompt") or "")
+    else:
+        labels = sample_labels(cfg, num_classes, class_names, source)
     num_samples = cfg.num_samples if labels is None else len(labels)
     guidance["precision"] = cfg.get("precision", "fp32")
     net = module.ema.module if cfg.use_ema else module.net
@@ -82,7 +96,36 @@ def sampling_plan(cfg: DictConfig, sampler: Sampler, module: DiffusionModule, de
     if batch_size == "auto":
         batch_size = auto_batch_size(module, net, num_samples, device)
         print(f"batch size:  {batch_size} (batch_size=auto)", flush=True)
-    return SamplingPlan(sampler, labels, num_samples, guidance, class_names, batch_size)
+    return SamplingPlan(sampler, labels, num_samples, guidance, class_names, batch_size, prompts)
+
+
+def sample_prompts(
+    cfg: DictConfig, module: DiffusionModule, source: str, prompts: list[str] | None = None
+) -> list[str] | None:
+    """Every sample's prompt for a text model (``prompts``, ``cfg.prompt`` or ``cfg.prompts``, cycled to
+    ``cfg.num_samples``; default: the model's training grid prompts); None for other models."""
+    given = prompts
+    if given is None and cfg.get("prompt") is not None:
+        given = [cfg.prompt]
+    elif given is None and cfg.get("prompts") is not None:
+        given = list(cfg.prompts) if OmegaConf.is_list(cfg.prompts) else [cfg.prompts]
+        if not given:
+            raise ConfigError("prompts=[] is empty: give at least one prompt, e.g. 'prompts=[a handwritten seven]'")
+    if cfg.get("prompt") is not None and cfg.get("prompts") is not None:
+        raise ConfigError(f"give prompt={cfg.prompt!r} or prompts={list(cfg.prompts)}, not both")
+    text = hasattr(module.conditioning, "token_ids")
+    if not text:
+        if given is not None or cfg.get("negative_prompt") is not None:
+            what = "negative_prompt" if given is None else "prompt"
+            raise ConfigError(
+                f"a {what} was given, but {source} was not trained on text (conditioning="
+                f"{'class' if module.num_classes else 'none'}): train with conditioning=text to sample from prompts"
+            )
+        return None
+    given = given or list(module.conditioning.sample_prompts)
+    if any(not isinstance(p, str) for p in given):
+        raise ConfigError(f"prompts must be strings, got {given}")
+    return [given[i % len(given)] for i in range(cfg.num_samples)]
 
 
 AUTO_CPU_BATCH = 256
@@ -103,6 +146,8 @@ def auto_batch_size(module: DiffusionModule, net: Any, num_samples: int, device:
             with torch.no_grad():
                 x = torch.zeros(trial, in_channels, *shape[1:], device=device)
                 y = torch.zeros(trial, dtype=torch.long, device=device) if module.num_classes else None
+                if net.text_encoder is not None:
+                    y = torch.zeros(trial, module.conditioning.max_length, dtype=torch.long, device=device)
                 net(x, torch.zeros(trial, dtype=torch.long, device=device), y)
         except torch.cuda.OutOfMemoryError:
             break
@@ -137,7 +182,8 @@ def sample_labels(cfg: DictConfig, num_classes: int | None, class_names: list[st
 
 
 def sample(cfg: DictConfig) -> dict[str, Any]:
-    """Sample ``cfg.num_samples`` images from ``cfg.ckpt``; writes samples.npz (arr_0: uint8 NHWC, arr_1: labels) and grid.png."""
+    """Sample ``cfg.num_samples`` images from ``cfg.ckpt``; writes samples.npz (arr_0: uint8 NHWC, arr_1: labels; a
+    text model's ``prompts``: one str per sample) and grid.png (a row per class or prompt)."""
     check_sampling_settings(cfg)
     check_counts(cfg, "num_samples", *(() if cfg.batch_size == "auto" else ("batch_size",)))
     out_dir = checked_out_dir(cfg, ("samples.npz", "grid.png"))
@@ -150,8 +196,14 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
     images = to_uint8(plan.draw(module, cfg))
     labels = plan.labels
     out_dir.mkdir(parents=True, exist_ok=True)
-    arrays = {"arr_0": images} if labels is None else {"arr_0": images, "arr_1": labels.numpy()}
+    if plan.prompts is not None:  # one row per prompt, in the order given
+        order = list(dict.fromkeys(plan.prompts))
+        rows = np.array([order.index(p) for p in plan.prompts])
+        arrays = {"arr_0": images, "prompts": np.array(plan.prompts)}
+    else:
+        rows = None if labels is None else labels.numpy()
+        arrays = {"arr_0": images} if labels is None else {"arr_0": images, "arr_1": labels.numpy()}
     np.savez(out_dir / "samples.npz", **arrays)
-    grid = save_grid(images, out_dir / "grid.png", scale=cfg.grid_scale, labels=None if labels is None else labels.numpy())
+    grid = save_grid(images, out_dir / "grid.png", scale=cfg.grid_scale, labels=rows)
     print(f"samples:     {show(out_dir / 'samples.npz')} {images.shape} {images.dtype}\ngrid:        {show(grid)}", flush=True)
-    return {"samples": out_dir / "samples.npz", "grid": grid, "images": images, "labels": labels}
+    return {"samples": out_dir / "samples.npz", "grid": grid, "images": images, "labels": labels, "prompts": plan.prompts}

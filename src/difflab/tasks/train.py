@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import warnings
 from pathlib import Path
@@ -17,7 +18,9 @@ from difflab.build import (
     build_classifier,
     build_module,
     instantiate_node,
+    text_conditioned,
     training_config,
+    with_captions,
     with_classes,
 )
 from difflab.callbacks.preemption import Preemption
@@ -41,10 +44,15 @@ def train(cfg: DictConfig) -> dict[str, float]:
     """Fit the model of ``cfg`` on its dataset; returns the final callback metrics (val/loss, ...)."""
     check_training_settings(cfg)
     L.seed_everything(cfg.seed, workers=True)
+    cfg = with_captions(cfg)
     datamodule = instantiate_node(cfg.dataset, "dataset", seed=cfg.seed)  # seed: of the data order and augmentations
     datamodule.setup("fit")  # bad data fails here, before a trainer or any output exists
-    cfg = training_config(cfg, list(datamodule.class_names))
+    cfg = training_config(cfg, list(datamodule.class_names), datamodule.train_set.captions)
     module = build_module(cfg)
+    if text_conditioned(cfg):
+        module.conditioning.warn_truncated(datamodule.train_set.captions)
+        if not cfg.get("dry_run") and int(os.environ.get("LOCAL_RANK", "0")) == 0:  # sample.py needs only the checkpoint
+            module.conditioning.tokenizer.save_pretrained(Path(cfg.output_dir) / "tokenizer")
     data_shape = datamodule.image_shape
     if data_shape != module.image_shape:
         raise ConfigError(f"the dataset's images are {data_shape} but the model expects {module.image_shape}")
