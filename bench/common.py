@@ -49,9 +49,10 @@ class DigitPixels(nn.Module):
         return F.adaptive_avg_pool2d(images.double(), 8).flatten(1)
 
 
-def frechet_distance(fake: torch.Tensor, real: torch.Tensor) -> float:
-    """Frechet distance between two image sets (N, 1, H, W) in [-1, 1], in 8x8 pixel space (torchmetrics FID)."""
-    fid = FrechetInceptionDistance(feature=DigitPixels(), reset_real_features=True).double()
+def frechet_distance(fake: torch.Tensor, real: torch.Tensor, features: nn.Module | None = None) -> float:
+    """Frechet distance between two image sets (N, 1, H, W) in [-1, 1] (torchmetrics FID) in the space of
+    ``features`` (a module with ``num_features``: images -> (N, num_features)); default 8x8 pixel space."""
+    fid = FrechetInceptionDistance(feature=features or DigitPixels(), reset_real_features=True).double()
     fid.update(real, real=True)
     fid.update(fake, real=False)
     return float(fid.compute())
