@@ -35,7 +35,8 @@ def _dirs(path: Path) -> list[str]:
 def test_ddp_fit_from_train_py(tmp_path):
     """2 processes: one run dir, every rank holds the checkpoint's EMA, one grid equal to a 1-process draw."""
     run_dir = tmp_path / "run"
-    run_script("train.py", *DDP, f"hydra.run.dir={run_dir}")
+    proc = run_script("train.py", *DDP, f"hydra.run.dir={run_dir}")
+    assert "deprecated" not in (proc.stdout + proc.stderr).lower()  # the spawned ranks' consoles are quiet too
     assert _dirs(tmp_path) == ["run"]
     report = json.loads((run_dir / "ddp_consistency.json").read_text())
     assert report["world_size"] == 2 and report["global_step"] == 6

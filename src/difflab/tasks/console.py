@@ -8,6 +8,7 @@ import warnings
 from collections.abc import Callable
 from typing import TypeVar
 
+import lightning as L
 from omegaconf import DictConfig
 
 from difflab.errors import ConfigError
@@ -42,6 +43,14 @@ def quiet_console() -> None:
     for category in (DeprecationWarning, FutureWarning):
         warnings.filterwarnings("ignore", category=category, module=DEPENDENCIES)
     warnings.filterwarnings("ignore", message=r".*LeafSpec.*")  # torch's, about Lightning's use of its pytree API
+
+
+class QuietRanks(L.Callback):
+    """:func:`quiet_console` in every rank: ``ddp_spawn`` starts its ranks as fresh interpreters, without the warning
+    filters the launching process set."""
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        quiet_console()
 
 
 def run_task(task: Callable[[DictConfig], T], cfg: DictConfig) -> T:

@@ -32,6 +32,7 @@ from difflab.module import DiffusionModule
 from difflab.run_lock import RunDirLock
 from difflab.tasks.checks import check_training_settings
 from difflab.tasks.common import show
+from difflab.tasks.console import QuietRanks
 from difflab.tasks.feature_classifier import resolved_features
 from difflab.tasks.report import build_logger, report_training
 from difflab.tasks.resume import resume_from
@@ -136,6 +137,8 @@ def build_trainer(
             log.info("global batch %d = %d process%s x %d accumulated x %d per step", datamodule.batch_size,
                      trainer.world_size, "es" if trainer.world_size > 1 else "", trainer.accumulate_grad_batches,
                      per_device)
+    if trainer.world_size > 1:
+        trainer.callbacks.append(QuietRanks())
     if trainer.world_size > 1 and isinstance(module, DiffusionModule):
         trainer.callbacks.append(RankConsistency(cfg.output_dir))
     preemption = next((c for c in callbacks if isinstance(c, Preemption)), None)
