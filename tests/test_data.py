@@ -243,6 +243,9 @@ def test_the_png_header_read_agrees_with_pillow_and_leaves_other_files_to_it(tmp
     Image.new("RGB", (37, 21)).save(tmp_path / "b.jpg")
     (tmp_path / "c.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 8)  # a PNG signature and nothing after it
     assert png_size(tmp_path / "a.png") == Image.open(tmp_path / "a.png").size == (37, 21)
+    for k, mode in enumerate(["1", "L", "LA", "P", "RGBA", "I;16"]):  # every PNG colour type and bit depth family
+        Image.new(mode, (5 + k, 300 - k)).save(tmp_path / f"{k}.png")
+        assert png_size(tmp_path / f"{k}.png") == Image.open(tmp_path / f"{k}.png").size == (5 + k, 300 - k)
     assert png_size(tmp_path / "b.jpg") is None and png_size(tmp_path / "c.png") is None
     assert header_problem(tmp_path / "b.jpg", 16, 10**6, False) is None
     assert "smaller than dataset.resolution=32" in header_problem(tmp_path / "a.png", 32, 10**6, False)
