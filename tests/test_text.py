@@ -1,4 +1,5 @@
-"""conditioning=text (issue #16): captions, tokenizer, caption dropout, a tiny train.py + sample.py with prompts."""
+"""conditioning=text (issue #16): captions, tokenizer, caption dropout, a tiny train.py + sample.py with prompts
+(its bad prompts: rows of tests/test_bad_inputs.py)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import torch
 from difflab.errors import ConfigError
 from difflab.text import (
     DIGIT_TEMPLATES,
+    DIGIT_WORDS,
     HELD_OUT_TEMPLATE,
     ScratchTextEncoder,
     TextConditioning,
@@ -55,16 +57,6 @@ def test_caption_dropout_replaces_captions_by_the_empty_prompt_at_rate_p_uncond(
     dropped = (ids == cond.null_condition()).all(dim=1).float().mean().item()
     assert abs(dropped - 0.3) < 0.03
     assert torch.equal(ids, cond.training_condition(batch, torch.Generator().manual_seed(0)))
-
-
-@pytest.fixture(scope="module")
-def text_run(tmp_path_factory):
-    """A tiny text model (scratch encoder) trained 6 steps by train.py's task."""
-    from difflab.tasks import train
-
-    run = tmp_path_factory.mktemp("text") / "run"
-    train(compose("train", [*TINY_TRAIN, "conditioning=text", "logger=none", f"output_dir={run}"]))
-    return run
 
 
 @pytest.mark.slow
