@@ -122,6 +122,23 @@ def test_image_folder_captions_from_csv_another_column_and_allowed_missing_rows(
                            "image 3, in csv", ""]  # a/ then b/, sorted; b/5.png: the empty prompt
 
 
+@pytest.mark.parametrize("dataset", ["digits", "image_folder"])
+def test_runs_from_before_the_caption_keys_compare_equal_to_todays_config(dataset):
+    """A run config whose dataset lacks the caption keys (written before them) upgrades to today's defaults: its run
+    dir still resumes (resume compares the dataset settings)."""
+    from omegaconf import OmegaConf
+
+    from difflab.build import upgrade_run_config
+    from tests.conftest import compose
+
+    today = compose("train", [f"dataset={dataset}", "output_dir=unused"])
+    old = OmegaConf.to_container(today)
+    for key in ("captions", "caption_column", "allow_missing_captions"):
+        old["dataset"].pop(key, None)
+    assert old["dataset"] != OmegaConf.to_container(today.dataset)
+    assert upgrade_run_config(OmegaConf.create(old)).dataset == today.dataset
+
+
 def test_truncated_image_is_refused(tmp_path):
     _write_images(tmp_path, 2, size=(64, 64))
     data = (tmp_path / "img1.png").read_bytes()
