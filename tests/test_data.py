@@ -110,10 +110,12 @@ def test_image_folder_captions_follow_their_images_through_both_paths(tmp_path, 
 def test_image_folder_captions_from_csv_another_column_and_allowed_missing_rows(tmp_path):
     rows = _captioned_folder(tmp_path, {i: f"image {i}" for i in range(6)})
     del rows["b/5.png"]
-    (tmp_path / "metadata.csv").write_text("file_name,prompt\n" + "".join(f'{f},"{c}, in csv"\n' for f, c in rows.items()))
+    rows_csv = "".join(f'{f},"{c}, in csv"\n' for f, c in rows.items())
+    (tmp_path / "metadata.csv").write_text("file_name,prompt\n" + rows_csv)
     settings = dict(path=str(tmp_path), resolution=8, channels=1, batch_size=1, val_fraction=0.0, captions=True,
                     caption_column="prompt")
-    with pytest.raises(ConfigError, match=r"1 of the 6 images under dataset.path=.* have no caption in .*metadata.csv: b/5.png"):
+    missing = r"1 of the 6 images under dataset.path=.* have no caption in .*metadata.csv: b/5.png"
+    with pytest.raises(ConfigError, match=missing):
         ImageFolderDataModule(**settings).setup()
     dm = ImageFolderDataModule(**settings, allow_missing_captions=True)
     with pytest.warns(UserWarning, match="val_fraction=0"):

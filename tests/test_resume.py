@@ -188,7 +188,8 @@ def test_preempted_text_run_equals_the_uninterrupted_run(tmp_path):
     text = [*RESUMABLE, "conditioning=text"]
     train(compose("train", [*text, f"output_dir={tmp_path / 'full'}"]))
     preempted = [*text, f"output_dir={tmp_path / 'resumed'}"]
-    train(compose("train", [*preempted, "+callbacks.signal._target_=tests.test_resume.SignalAt", "+callbacks.signal.step=6"]))
+    signal_at_6 = ["+callbacks.signal._target_=tests.test_resume.SignalAt", "+callbacks.signal.step=6"]
+    train(compose("train", [*preempted, *signal_at_6]))
     assert _state(tmp_path / "resumed")["global_step"] == 6
     train(compose("train", preempted))
     full, resumed = _state(tmp_path / "full"), _state(tmp_path / "resumed")
@@ -200,4 +201,5 @@ def test_preempted_text_run_equals_the_uninterrupted_run(tmp_path):
     files = sorted(p.name for p in (tmp_path / "full" / "tokenizer").iterdir())
     assert files and files == sorted(p.name for p in (tmp_path / "resumed" / "tokenizer").iterdir())
     for name in files:
-        assert (tmp_path / "full" / "tokenizer" / name).read_bytes() == (tmp_path / "resumed" / "tokenizer" / name).read_bytes()
+        saved = [(tmp_path / leg / "tokenizer" / name).read_bytes() for leg in ("full", "resumed")]
+        assert saved[0] == saved[1], name

@@ -18,7 +18,7 @@ from difflab.text import (
     digit_caption,
     digit_captions,
 )
-from tests.conftest import TINY_TRAIN, compose
+from tests.conftest import compose
 
 
 def test_digit_captions_vary_name_the_digit_and_keep_the_held_out_phrasing_out():
@@ -110,4 +110,5 @@ def test_evaluate_scores_prompt_following_beside_fid(text_run, feature_run, feat
 
 def _named_digit(caption: str) -> int:
     """The digit a digits caption names, read from its words (numeral or word)."""
-    return next(int(w) if w.isdigit() else DIGIT_WORDS.index(w) for w in caption.split() if w.isdigit() or w in DIGIT_WORDS)
+    words = [w for w in caption.split() if w.isdigit() or w in DIGIT_WORDS]
+    return int(words[0]) if words[0].isdigit() else DIGIT_WORDS.index(words[0])

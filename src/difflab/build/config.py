@@ -41,7 +41,9 @@ OPTIMIZER_KEYS = {"lr": "lr", "weight_decay": "weight_decay", "adam_betas": "bet
 """``model.KEY`` of runs from before the optimizer group -> ``optimizer.KEY``."""
 DATASET_KEYS = {
     "difflab.data.DigitsDataModule": {"captions": False},
-    "difflab.data.ImageFolderDataModule": {"captions": False, "caption_column": "text", "allow_missing_captions": False},
+    "difflab.data.ImageFolderDataModule": {
+        "captions": False, "caption_column": "text", "allow_missing_captions": False,
+    },
 }
 """``dataset`` keys added since runs were first written, per DataModule, with the values that keep those runs'
 behaviour (no captions), so their run dirs still resume with today's defaults."""

@@ -248,7 +248,8 @@ class ImageFolderDataModule(ImageDataModule):
             )
         self.path = Path(path).expanduser() if path else None
         self.max_image_pixels, self.skip_bad, self.upscale = max_image_pixels, skip_bad, upscale
-        self.with_captions, self.caption_column, self.allow_missing_captions = captions, caption_column, allow_missing_captions
+        self.with_captions, self.caption_column = captions, caption_column
+        self.allow_missing_captions = allow_missing_captions
 
     def captions_of(self, files: list[Path]) -> list[str]:
         """The caption of each of ``files`` from the folder's caption file ('' for none, if allowed); refuses rows
@@ -271,8 +272,9 @@ class ImageFolderDataModule(ImageDataModule):
                 f"{_listing(unknown)} (file_name is the image's path relative to that folder; fix or remove those rows)"
             )
         if twice:
-            raise ConfigError(f"{file} gives {len(twice)} image(s) a second caption row: {_listing(twice)} (keep one row "
-                              "per image)")
+            raise ConfigError(
+                f"{file} gives {len(twice)} image(s) a second caption row: {_listing(twice)} (keep one row per image)"
+            )
         uncaptioned = [f.relative_to(self.path).as_posix() for f, c in zip(files, captions) if c is None]
         if uncaptioned and not self.allow_missing_captions:
             raise ConfigError(
