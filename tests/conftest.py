@@ -74,6 +74,20 @@ def trained_run(tmp_path_factory) -> Path:
     return run_dir
 
 
+TEXT_TRAIN = [*TINY_TRAIN, "conditioning=text", "logger=none"]
+"""A tiny text model (scratch encoder) on the digits' captions."""
+
+
+@pytest.fixture(scope="session")
+def text_run(tmp_path_factory) -> Path:
+    """A tiny text model trained 6 steps by train.py's task (tests/test_text.py; the text rows of test_bad_inputs)."""
+    from difflab.tasks import train
+
+    run = tmp_path_factory.mktemp("text") / "run"
+    train(compose("train", [*TEXT_TRAIN, f"output_dir={run}"]))
+    return run
+
+
 FEATURE_CLASSIFIER = [
     "dataset.resolution=8", "dataset.batch_size=32", "trainer.max_steps=20", "trainer.val_check_interval=20",
     "trainer.limit_val_batches=1", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",

@@ -12,6 +12,7 @@ unchanged. ``docs/reliability.md`` lists every row with the exact error it gets:
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -27,7 +28,7 @@ from hydra.errors import HydraException
 from PIL import Image
 
 from difflab.errors import ConfigError
-from tests.conftest import ROOT, TINY_TRAIN, compose, run_script
+from tests.conftest import ROOT, TEXT_TRAIN, TINY_TRAIN, compose, run_script
 
 
 @dataclass(frozen=True)
@@ -66,8 +67,25 @@ CASES = [
     case("text UNet without text conditioning", "train", "model=sd_small",
          "model=sd_small", "needs conditioning=text", "use model=small, tiny, ddpm_cifar10, ddpm_256 or adm64"),
     case("text conditioning on data without captions", "train",
+         "conditioning=text dataset=hf dataset.path={rgb_dir} dataset.resolution=8",
+         "conditioning=text needs captions", "hf a dataset.caption_column"),
+    case("image folder without a caption file", "train",
          "conditioning=text dataset=image_folder dataset.path={rgb_dir} dataset.resolution=8",
-         "conditioning=text needs captions", "image_folder reads metadata.jsonl (file_name, text)"),
+         "dataset.path={rgb_dir} has no caption file", "{rgb_dir}/metadata.jsonl", "{rgb_dir}/metadata.csv",
+         "columns file_name", "and text (its caption)"),
+    case("caption row naming a missing image", "train",
+         "conditioning=text dataset=image_folder dataset.path={ghost_caption_dir} dataset.resolution=8",
+         "{ghost_caption_dir}/metadata.jsonl names 1 file(s) that are not images under "
+         "dataset.path={ghost_caption_dir}: gone.png", "fix or remove those rows"),
+    case("images without a caption", "train",
+         "conditioning=text dataset=image_folder dataset.path={gap_caption_dir} dataset.resolution=8",
+         "7 of the 40 images under dataset.path={gap_caption_dir} have no caption",
+         "33.png, 34.png, 35.png, 36.png, 37.png, ...", "dataset.allow_missing_captions=true"),
+    case("empty prompt list on a text model", "sample", "ckpt={text} prompts=[]",
+         "prompts=[] is empty"),
+    case("prompt longer than the text encoder's context", "sample",
+         "ckpt={text} prompt=seven-seven-seven-seven-seven-seven-seven-seven-seven-seven",
+         "is 21 tokens, longer than the text encoder's context of 16 tokens", "shorten it"),
     case("pretrained text encoder path missing", "train",
          "conditioning=text text_encoder=clip text_encoder.path={tmp}/nowhere",
          "text_encoder.path={tmp}/nowhere: missing", "text_encoder/", "tokenizer/", "nothing is downloaded"),
@@ -263,18 +281,18 @@ def _write_png(path: Path, mode: str = "L", size: int = 12) -> None:
     Image.fromarray(np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8), mode).save(path)
 
 
-def _paths(tmp: Path, trained_run: Path, conditional: Path | None, needed: set[str] | None = None) -> dict[str, Path]:
+def _paths(tmp: Path, trained_run: Path, runs: dict[str, Path], needed: set[str] | None = None) -> dict[str, Path]:
     """The files a row may name (only those in ``needed``, or all): ``{run}`` a copy of a trained run dir, ``{tmp}``
-    a scratch dir, ``{file}`` an existing file, image folders and bad checkpoints."""
+    a scratch dir, ``{file}`` an existing file, image folders, bad checkpoints, and the other trained ``runs`` (their
+    names: :data:`RUNS`)."""
     run = tmp / "run"
     shutil.copytree(trained_run, run)
     paths = {"run": run, "tmp": tmp, "file": tmp / "a_file", "empty_dir": tmp / "empty", "bad_image_dir": tmp / "bad",
              "cut_image_dir": tmp / "cut", "rgb_dir": tmp / "rgb", "cut_ckpt": tmp / "cut.ckpt",
              "pickle_ckpt": tmp / "pickle.ckpt", "mixed_dir": tmp / "mixed", "small_dir": tmp / "small",
              "evil_ckpt": tmp / "evil.ckpt", "zero_dir": tmp / "zero", "tiny_dir": tmp / "tiny",
-             "shards_dir": tmp / "shards"}
-    if conditional is not None:
-        paths["conditional"] = conditional
+             "shards_dir": tmp / "shards", "ghost_caption_dir": tmp / "ghost_caption",
+             "gap_caption_dir": tmp / "gap_caption", **runs}
     make = set(paths) if needed is None else needed
     if "file" in make:
         paths["file"].write_text("not a directory")
@@ -302,6 +320,13 @@ def _paths(tmp: Path, trained_run: Path, conditional: Path | None, needed: set[s
     if "rgb_dir" in make:
         for i in range(40):
             _write_png(paths["rgb_dir"] / f"{i}.png", mode="RGB")
+    for name, captioned in (("ghost_caption_dir", [*range(40), "gone"]), ("gap_caption_dir", range(33))):
+        if name in make:  # 40 images with captions for all and a file that is not there (ghost), or the first 33 (gap)
+            paths[name].mkdir()
+            for i in range(40):
+                _write_png(paths[name] / f"{i}.png", mode="RGB")
+            (paths[name] / "metadata.jsonl").write_text(
+                "".join(json.dumps({"file_name": f"{k}.png", "text": f"image {k}"}) + "\n" for k in captioned))
     if "mixed_dir" in make:  # two class folders and one image beside them
         for name in ("cats", "dogs"):
             (paths["mixed_dir"] / name).mkdir(parents=True)
@@ -363,11 +388,15 @@ def conditional(tmp_path_factory) -> Path:
     return run
 
 
+RUNS = {"conditional": "conditional", "text": "text_run"}
+"""The trained runs a row may name besides ``{run}``: placeholder -> fixture."""
+
+
 @pytest.mark.parametrize("c", CASES)
 def test_bad_input_is_refused_clearly_before_any_step(c: Case, trained_run, request, tmp_path):
     needed = {name for text in (*c.args, *c.says) for name in re.findall(r"\{(\w+)\}", text)}
-    paths = _paths(tmp_path, trained_run, request.getfixturevalue("conditional") if "conditional" in needed else None,
-                   needed)
+    runs = {name: request.getfixturevalue(fixture) for name, fixture in RUNS.items() if name in needed}
+    paths = _paths(tmp_path, trained_run, runs, needed)
     before = _digest(paths["run"])
     out = tmp_path / "out"
     _, message = _run(c, paths, out)
@@ -403,14 +432,14 @@ def _docs_table() -> str:
     return doc[doc.index(BEGIN) + len(BEGIN) : doc.index(END)]
 
 
-def markdown_table(tmp: Path, trained_run: Path, conditional: Path) -> str:
+def markdown_table(tmp: Path, trained_run: Path, runs: dict[str, Path]) -> str:
     """Each row's command and the exact error it gets, paths shown as their {placeholders}."""
     lines = ["| bad input | command | error |", "|---|---|---|"]
     for param in CASES:
         c = param.values[0]
         scratch = tmp / str(len(lines))
         scratch.mkdir()
-        paths = _paths(scratch, trained_run, conditional)
+        paths = _paths(scratch, trained_run, runs)
         error, message = _run(c, paths, scratch / "out")
         message = message.split("Config search path")[0]  # Hydra's search path: where this clone lives
         lines_of = [line.strip() for line in message.splitlines() if line.strip() and "HYDRA_FULL_ERROR" not in line]
@@ -434,7 +463,8 @@ def write_docs_table() -> None:
         run_script("train.py", *TINY_TRAIN, f"hydra.run.dir={root / 'trained'}")
         train(compose("train", [*TINY_TRAIN, "trainer.max_steps=1", "conditioning=class", "conditioning.p_uncond=0",
                                 f"output_dir={root / 'conditional'}"]))
-        table = markdown_table(root, root / "trained", root / "conditional")
+        train(compose("train", [*TEXT_TRAIN, f"output_dir={root / 'text'}"]))
+        table = markdown_table(root, root / "trained", {"conditional": root / "conditional", "text": root / "text"})
     doc = DOCS.read_text()
     DOCS.write_text(doc[: doc.index(BEGIN) + len(BEGIN)] + "\n" + table + "\n" + doc[doc.index(END) :])
 

@@ -80,6 +80,67 @@ def test_image_folder_errors_name_the_problem(tmp_path, setup, message):
         dm.setup()
 
 
+def _captioned_folder(root, captions):
+    """Gray 8x8 images a/0.png ... b/N.png whose pixel value is 10 * their index; ``captions``: index -> caption."""
+    for i in range(len(captions)):
+        (root / "ab"[i % 2]).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.full((8, 8), 10 * i, dtype=np.uint8), "L").save(root / "ab"[i % 2] / f"{i}.png")
+    return {f"{'ab'[i % 2]}/{i}.png": c for i, c in captions.items()}
+
+
+@pytest.mark.parametrize("in_memory", [True, False], ids=["in_memory", "lazy"])
+def test_image_folder_captions_follow_their_images_through_both_paths(tmp_path, in_memory):
+    import json
+
+    rows = _captioned_folder(tmp_path, {i: f"image {i}" for i in range(10)})
+    (tmp_path / "metadata.jsonl").write_text("".join(json.dumps({"file_name": f, "text": c}) + "\n"
+                                                     for f, c in reversed(rows.items())))  # row order is free
+    dm = ImageFolderDataModule(path=str(tmp_path), resolution=8, channels=1, batch_size=2, val_fraction=0.3,
+                               in_memory=in_memory, captions=True)
+    dm.setup()
+    assert dm.decoded_in_memory is in_memory
+    for part in (dm.train_set, dm.val_set):
+        index = ((part.images[:, 0, 0, 0] + 1) * 127.5 / 10).round().long().tolist()  # each image's own index
+        assert part.captions == [f"image {i}" for i in index]
+        assert part.labels.tolist() == [i % 2 for i in index]  # class folders a, b
+    x, _, captions = next(iter(dm.train_dataloader()))
+    assert captions == [f"image {i}" for i in ((x[:, 0, 0, 0] + 1) * 127.5 / 10).round().long().tolist()]
+
+
+def test_image_folder_captions_from_csv_another_column_and_allowed_missing_rows(tmp_path):
+    rows = _captioned_folder(tmp_path, {i: f"image {i}" for i in range(6)})
+    del rows["b/5.png"]
+    rows_csv = "".join(f'{f},"{c}, in csv"\n' for f, c in rows.items())
+    (tmp_path / "metadata.csv").write_text("file_name,prompt\n" + rows_csv)
+    settings = dict(path=str(tmp_path), resolution=8, channels=1, batch_size=1, val_fraction=0.0, captions=True,
+                    caption_column="prompt")
+    missing = r"1 of the 6 images under dataset.path=.* have no caption in .*metadata.csv: b/5.png"
+    with pytest.raises(ConfigError, match=missing):
+        ImageFolderDataModule(**settings).setup()
+    dm = ImageFolderDataModule(**settings, allow_missing_captions=True)
+    with pytest.warns(UserWarning, match="val_fraction=0"):
+        dm.setup()
+    assert dm.captions == ["image 0, in csv", "image 2, in csv", "image 4, in csv", "image 1, in csv",
+                           "image 3, in csv", ""]  # a/ then b/, sorted; b/5.png: the empty prompt
+
+
+@pytest.mark.parametrize("dataset", ["digits", "image_folder"])
+def test_runs_from_before_the_caption_keys_compare_equal_to_todays_config(dataset):
+    """A run config whose dataset lacks the caption keys (written before them) upgrades to today's defaults: its run
+    dir still resumes (resume compares the dataset settings)."""
+    from omegaconf import OmegaConf
+
+    from difflab.build import upgrade_run_config
+    from tests.conftest import compose
+
+    today = compose("train", [f"dataset={dataset}", "output_dir=unused"])
+    old = OmegaConf.to_container(today)
+    for key in ("captions", "caption_column", "allow_missing_captions"):
+        old["dataset"].pop(key, None)
+    assert old["dataset"] != OmegaConf.to_container(today.dataset)
+    assert upgrade_run_config(OmegaConf.create(old)).dataset == today.dataset
+
+
 def test_truncated_image_is_refused(tmp_path):
     _write_images(tmp_path, 2, size=(64, 64))
     data = (tmp_path / "img1.png").read_bytes()

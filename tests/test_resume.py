@@ -180,3 +180,26 @@ def test_resume_of_a_latent_model_with_fitted_noise_equals_the_uninterrupted_run
     assert {"latent.scaling_factor", "noise.fit_count"} <= full["state_dict"].keys()
     assert not any(key.startswith("latent.vae.") for key in full["state_dict"])  # the frozen VAE is an input
     assert_same_training_state(full, resumed)
+
+
+def test_preempted_text_run_equals_the_uninterrupted_run(tmp_path):
+    """conditioning=text (scratch encoder, caption dropout), SIGUSR2 at step 6 and requeued: the uninterrupted run's
+    UNet, text encoder, EMA and optimizer, bit for bit, and the same tokenizer in the checkpoint and the run dir."""
+    text = [*RESUMABLE, "conditioning=text"]
+    train(compose("train", [*text, f"output_dir={tmp_path / 'full'}"]))
+    preempted = [*text, f"output_dir={tmp_path / 'resumed'}"]
+    signal_at_6 = ["+callbacks.signal._target_=tests.test_resume.SignalAt", "+callbacks.signal.step=6"]
+    train(compose("train", [*preempted, *signal_at_6]))
+    assert _state(tmp_path / "resumed")["global_step"] == 6
+    train(compose("train", preempted))
+    full, resumed = _state(tmp_path / "full"), _state(tmp_path / "resumed")
+    assert any(k.startswith("net.text_encoder.") for k in full["state_dict"])
+    assert any(k.startswith("ema.module.text_encoder.") for k in full["state_dict"])
+    assert_same_training_state(full, resumed)
+    tokenizer = full["hyper_parameters"]["run_config"]["text_encoder"]["tokenizer"]
+    assert tokenizer and resumed["hyper_parameters"]["run_config"]["text_encoder"]["tokenizer"] == tokenizer
+    files = sorted(p.name for p in (tmp_path / "full" / "tokenizer").iterdir())
+    assert files and files == sorted(p.name for p in (tmp_path / "resumed" / "tokenizer").iterdir())
+    for name in files:
+        saved = [(tmp_path / leg / "tokenizer" / name).read_bytes() for leg in ("full", "resumed")]
+        assert saved[0] == saved[1], name

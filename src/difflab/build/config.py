@@ -39,6 +39,14 @@ LOSS = {"_target_": "difflab.objectives.DiffusionLoss", "weighting": "uniform", 
 """``loss`` of runs from before the loss group existed (conf/loss/simple.yaml)."""
 OPTIMIZER_KEYS = {"lr": "lr", "weight_decay": "weight_decay", "adam_betas": "betas"}
 """``model.KEY`` of runs from before the optimizer group -> ``optimizer.KEY``."""
+DATASET_KEYS = {
+    "difflab.data.DigitsDataModule": {"captions": False},
+    "difflab.data.ImageFolderDataModule": {
+        "captions": False, "caption_column": "text", "allow_missing_captions": False,
+    },
+}
+"""``dataset`` keys added since runs were first written, per DataModule, with the values that keep those runs'
+behaviour (no captions), so their run dirs still resume with today's defaults."""
 
 
 def upgrade_run_config(run_config: DictConfig) -> DictConfig:
@@ -46,11 +54,14 @@ def upgrade_run_config(run_config: DictConfig) -> DictConfig:
     ``lr_scheduler`` built by ``_target_`` (a copy; configs already in that form come back equal).
 
     Checkpoints of earlier releases held ``loss`` as plain keys (or none), ``conditioning.enabled`` and AdamW's
-    settings and the warm-up inside ``model``; they load, resume and compare as if written today.
+    settings and the warm-up inside ``model``, and lacked the caption keys of ``dataset`` (:data:`DATASET_KEYS`);
+    they load, resume and compare as if written today.
     """
     cfg = OmegaConf.to_container(run_config)
     if "model" not in cfg:
         return OmegaConf.create(cfg)
+    dataset = cfg.get("dataset") or {}
+    cfg["dataset"] = {**DATASET_KEYS.get(dataset.get("_target_"), {}), **dataset}
     cfg["loss"] = {**LOSS, **(cfg.get("loss") or {})}
     cond = cfg.get("conditioning")
     if cond is None or "enabled" in cond:

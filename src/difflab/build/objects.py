@@ -59,7 +59,8 @@ def training_config(cfg: DictConfig, class_names: list[str], captions: list[str]
         if not captions:
             raise ConfigError(
                 f"conditioning=text needs captions, and dataset {cfg.dataset._target_} has none: the digits make their "
-                "own, image_folder reads metadata.jsonl (file_name, text), hf a dataset.caption_column, shards KEY.txt"
+                "own, image_folder reads metadata.jsonl or metadata.csv (file_name, text), hf a "
+                "dataset.caption_column, shards KEY.txt"
             )
         if not cfg.conditioning.get("sample_prompts"):
             from difflab.text import sample_prompts

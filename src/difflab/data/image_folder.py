@@ -9,6 +9,12 @@ Modes are converted to ``channels``: palette (P), gray (L, LA), RGB, RGBA and CM
 images as 0..255, 16-bit ones (modes I;16, I;16B, ...) divided by 65535, 32-bit integer ones (mode I,
 as Pillow opens some 16-bit files) on the same 16-bit scale, float ones (mode F) as [0, 1]; values
 outside that scale are refused rather than clipped.
+
+Captions (``captions=true``, which ``conditioning=text`` sets) come from ``metadata.jsonl`` or ``metadata.csv`` at the
+folder's top level, one row per image with its path relative to the folder in ``file_name`` and its caption in
+``caption_column`` (``text``): the layout of the Hugging Face ``imagefolder`` loader and diffusers' text-to-image
+scripts. The file is checked before training: rows naming no image, images named twice and images without a row are
+refused (the latter get the empty prompt with ``allow_missing_captions=true``).
 """
 
 from __future__ import annotations
@@ -17,6 +23,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import csv
+import json
+import os
 import struct
 import warnings
 
@@ -35,6 +44,8 @@ PILLOW_MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS
 """Pillow's decompression-bomb limit (pixels), the default of ``dataset.max_image_pixels``."""
 SHOWN = 5
 """How many offending file names an error lists before '...'."""
+CAPTION_FILES = ("metadata.jsonl", "metadata.csv")
+"""The caption files of a folder (the Hugging Face ``imagefolder`` names), at its top level."""
 
 
 def _full_scale(mode: str) -> float | None:
@@ -149,6 +160,42 @@ def header_problem(path: Path, resolution: int, max_image_pixels: int, upscale: 
     return None
 
 
+def caption_rows(path: Path, caption_column: str) -> tuple[Path, list[tuple[str, object]]]:
+    """The caption file under ``path`` and its (file_name, caption) rows; refuses a missing file or column.
+
+    Hand-read with the standard library's ``json`` / ``csv`` rather than through ``datasets``' imagefolder builder:
+    the checks need each row's ``file_name`` as written, to name the bad ones."""
+    found = [path / name for name in CAPTION_FILES if (path / name).is_file()]
+    expected = f"columns file_name (the image's path relative to the folder) and {caption_column} (its caption)"
+    if not found:
+        raise ConfigError(
+            f"dataset.path={path} has no caption file: conditioning=text reads {path / CAPTION_FILES[0]} (one JSON "
+            f"object per line) or {path / CAPTION_FILES[1]}, with {expected}; set dataset.caption_column to use "
+            "another caption column"
+        )
+    if len(found) > 1:
+        raise ConfigError(f"dataset.path={path} holds both {' and '.join(CAPTION_FILES)}: keep one caption file")
+    file = found[0]
+    try:
+        with file.open(newline="", encoding="utf-8") as f:
+            if file.suffix == ".csv":
+                rows = list(csv.DictReader(f))
+            else:
+                rows = [json.loads(line) for line in f if line.strip()]
+    except (json.JSONDecodeError, UnicodeDecodeError, csv.Error) as err:
+        raise ConfigError(f"cannot read caption file {file}: {err}") from err
+    for k, row in enumerate(rows, 1):
+        missing = [c for c in ("file_name", caption_column) if not isinstance(row, dict) or c not in row]
+        if missing:
+            has = ", ".join(row) if isinstance(row, dict) else type(row).__name__
+            raise ConfigError(f"caption file {file} row {k} has no {' or '.join(missing)} (it has {has}): every row "
+                              f"needs {expected}")
+        if not isinstance(row[caption_column], str):
+            raise ConfigError(f"caption file {file} row {k} ({row['file_name']}): {caption_column}="
+                              f"{row[caption_column]!r} is not a string")
+    return file, [(str(row["file_name"]), row[caption_column]) for row in rows]
+
+
 class ImageFiles(Items):
     """Image files decoded by :func:`load_image` when fetched."""
 
@@ -184,11 +231,14 @@ class ImageFolderDataModule(ImageDataModule):
     ``max_image_pixels``: images with more pixels are refused as decompression bombs (default Pillow's limit).
     ``skip_bad``: leave out unreadable, empty, too-small or too-large files with a warning that counts them,
     instead of refusing the folder. ``upscale``: enlarge images smaller than ``resolution`` instead of refusing them.
+    ``captions``: read a caption per image from the folder's caption file (column ``caption_column``);
+    ``allow_missing_captions``: images without a row get the empty prompt instead of being refused.
     """
 
     def __init__(
         self, path: str, resolution: int = 32, channels: int = 3, max_image_pixels: int = PILLOW_MAX_IMAGE_PIXELS,
-        skip_bad: bool = False, upscale: bool = False, **kwargs,
+        skip_bad: bool = False, upscale: bool = False, captions: bool = False, caption_column: str = "text",
+        allow_missing_captions: bool = False, **kwargs,
     ) -> None:
         super().__init__(resolution=resolution, channels=channels, **kwargs)
         if isinstance(max_image_pixels, bool) or not isinstance(max_image_pixels, int) or max_image_pixels <= 0:
@@ -198,6 +248,41 @@ class ImageFolderDataModule(ImageDataModule):
             )
         self.path = Path(path).expanduser() if path else None
         self.max_image_pixels, self.skip_bad, self.upscale = max_image_pixels, skip_bad, upscale
+        self.with_captions, self.caption_column = captions, caption_column
+        self.allow_missing_captions = allow_missing_captions
+
+    def captions_of(self, files: list[Path]) -> list[str]:
+        """The caption of each of ``files`` from the folder's caption file ('' for none, if allowed); refuses rows
+        naming no image, images named twice and (unless ``allow_missing_captions``) images without a row."""
+        file, rows = caption_rows(self.path, self.caption_column)
+        index = {f.relative_to(self.path).as_posix(): k for k, f in enumerate(files)}
+        captions: list[str | None] = [None] * len(files)
+        unknown, twice = [], []
+        for name, caption in rows:
+            k = index.get(os.path.normpath(name).replace(os.sep, "/"))
+            if k is None:
+                unknown.append(name)
+            elif captions[k] is not None:
+                twice.append(name)
+            else:
+                captions[k] = caption
+        if unknown:
+            raise ConfigError(
+                f"{file} names {len(unknown)} file(s) that are not images under dataset.path={self.path}: "
+                f"{_listing(unknown)} (file_name is the image's path relative to that folder; fix or remove those rows)"
+            )
+        if twice:
+            raise ConfigError(
+                f"{file} gives {len(twice)} image(s) a second caption row: {_listing(twice)} (keep one row per image)"
+            )
+        uncaptioned = [f.relative_to(self.path).as_posix() for f, c in zip(files, captions) if c is None]
+        if uncaptioned and not self.allow_missing_captions:
+            raise ConfigError(
+                f"{len(uncaptioned)} of the {len(files)} images under dataset.path={self.path} have no caption in "
+                f"{file}: {_listing(uncaptioned)} (add a row for each, or set dataset.allow_missing_captions=true to "
+                "train them with the empty prompt)"
+            )
+        return ["" if c is None else c for c in captions]
 
     def files(self) -> tuple[list[Path], list[int], list[str]]:
         """Image files, their class index and the class names; class folders beside top-level images are refused."""
@@ -242,11 +327,13 @@ class ImageFolderDataModule(ImageDataModule):
 
     def catalog(self) -> Catalog:
         files, labels, names = self.files()
+        captions = self.captions_of(files) if self.with_captions else None  # before the headers: the cheaper check
         keep = self.readable(files)
         files = [f for f, k in zip(files, keep) if k]
+        captions = None if captions is None else [c for c, k in zip(captions, keep) if k]
         if not files:
             raise ConfigError(f"dataset.path={self.path}: every image was skipped (dataset.skip_bad=true)")
         labels = [y for y, k in zip(labels, keep) if k]
         items = ImageFiles(files, self.resolution, self.channels, self.max_image_pixels)
-        return Catalog(items, torch.tensor(labels, dtype=torch.long), names)
+        return Catalog(items, torch.tensor(labels, dtype=torch.long), names, captions)
 

@@ -4,6 +4,7 @@ from difflab.metrics.features import (
     ClassifierFeatures,
     FeatureExtractor,
     InceptionFeatures,
+    classifier_accuracy,
     extract_features,
     find_inception_weights,
 )
@@ -21,6 +22,7 @@ __all__ = [
     "FeatureExtractor",
     "InceptionFeatures",
     "ReferenceCache",
+    "classifier_accuracy",
     "dataset_description",
     "extract_features",
     "fid_kid",

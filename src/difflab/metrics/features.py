@@ -66,10 +66,14 @@ class ClassifierFeatures(FeatureExtractor):
 
     RESIZE = "bilinear-antialias"
 
-    def __init__(self, net: NoisyClassifier, image_shape: tuple[int, int, int]) -> None:
+    def __init__(
+        self, net: NoisyClassifier, image_shape: tuple[int, int, int], class_names: list[str] | None = None
+    ) -> None:
         super().__init__()
         self.net = net.eval().requires_grad_(False)
         self.image_shape = tuple(image_shape)
+        self.class_names = None if class_names is None else list(class_names)
+        """The names of the classifier's classes (its dataset's), or None if unknown."""
         self.num_features = net.num_features
         c, h, w = self.image_shape
         weights = tensor_digest(list(net.state_dict().values()))
@@ -99,8 +103,9 @@ class ClassifierFeatures(FeatureExtractor):
                 "%s is a noise-aware classifier (for guidance); its t = 0 features work, but a classifier of clean "
                 "images (train_classifier.py --config-name feature_classifier) separates the classes better", path,
             )
-        data = classifier.hparams["run_config"]["dataset"]
-        return cls(classifier.net, (int(data["channels"]), int(data["resolution"]), int(data["resolution"])))
+        config = classifier.hparams["run_config"]
+        data, names = config["dataset"], config.get("class_names")
+        return cls(classifier.net, (int(data["channels"]), int(data["resolution"]), int(data["resolution"])), names)
 
     def check_images(self, shape: tuple[int, ...]) -> None:
         """Any size (resized to the classifier's), but the classifier's number of channels."""
@@ -108,15 +113,23 @@ class ClassifierFeatures(FeatureExtractor):
             c = self.image_shape[0]
             raise ValueError(f"the feature classifier was trained on {c}-channel images, got {shape[0]}")
 
-    @torch.no_grad()
-    def forward(self, images: Tensor) -> Tensor:
-        """images (N, C, H, W) in [-1, 1] -> features (N, num_features)."""
+    def _inputs(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """images (N, C, H, W) in [-1, 1] at the classifier's size, and t = 0 (N,)."""
         self.check_images(tuple(images.shape[1:]))
         c, h, w = self.image_shape
         if tuple(images.shape[2:]) != (h, w):
             images = F.interpolate(images, size=(h, w), mode="bilinear", align_corners=False, antialias=True)
-        t = torch.zeros(images.shape[0], dtype=torch.long, device=images.device)
-        return self.net.features(images, t)
+        return images, torch.zeros(images.shape[0], dtype=torch.long, device=images.device)
+
+    @torch.no_grad()
+    def forward(self, images: Tensor) -> Tensor:
+        """images (N, C, H, W) in [-1, 1] -> features (N, num_features)."""
+        return self.net.features(*self._inputs(images))
+
+    @torch.no_grad()
+    def classify(self, images: Tensor) -> Tensor:
+        """argmax_y p(y | x): the class (N,) the classifier reads in images (N, C, H, W) in [-1, 1]."""
+        return self.net(*self._inputs(images)).argmax(dim=1)
 
 
 def default_inception_path() -> Path:
@@ -230,6 +243,17 @@ class InceptionFeatures(FeatureExtractor):
         x = x.expand(-1, 3, -1, -1)
         x = F.interpolate(x, size=(INCEPTION_SIZE, INCEPTION_SIZE), mode="bilinear", align_corners=False)
         return self.net(2 * x - 1)
+
+
+def classifier_accuracy(classifier: ClassifierFeatures, images: Tensor, named: Tensor, batch_size: int = 64) -> float:
+    """Prompt following: the fraction of images (N, C, H, W) in [-1, 1] that the feature classifier reads as the class
+    ``named`` (N,) by their prompt, ``batch_size`` at a time on the classifier's device."""
+    weight = next(classifier.parameters())
+    right = sum(
+        int((classifier.classify(images[i : i + batch_size].to(weight)).cpu() == named[i : i + batch_size]).sum())
+        for i in range(0, images.shape[0], batch_size)
+    )
+    return right / images.shape[0]
 
 
 def extract_features(extractor: FeatureExtractor, images: Tensor, batch_size: int = 64) -> Tensor:

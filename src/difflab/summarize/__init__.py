@@ -20,7 +20,8 @@ Results JSON schema (``<run dir>/results.json``, written by evaluate.py; ``schem
       "seed": 0,
       "features": {"name": "classifier", "fingerprint": "ClassifierFeatures/v1 ..."},  # null without fid/kid
       "metrics": {"fid": 2.31, "kid_mean": 0.0012, "kid_std": 0.0003, "kid_subset_size": 1000, "nll_bpd": 1.87},
-                        # the metrics asked for (metrics=[fid,kid,nll]); kid gives kid_mean, kid_std, kid_subset_size
+                        # the metrics asked for (metrics=[fid,kid,nll]); kid gives kid_mean, kid_std, kid_subset_size;
+                        # fid / kid of a text model on classed data add prompt_accuracy (in [0, 1])
       "seconds": 41.2,  # wall-clock seconds spent sampling the num_samples images (not features or NLL)
       "seconds_per_image": 0.0412
     }

@@ -15,7 +15,15 @@ from difflab.checkpointing import atomic_write
 from difflab.data.base import SPLITS
 from difflab.errors import ConfigError
 from difflab.likelihood import bits_per_dim, check_supported, nll_sampler, variance_name
-from difflab.metrics import ReferenceCache, dataset_description, reference_features, reference_images, sample_quality
+from difflab.metrics import (
+    ClassifierFeatures,
+    ReferenceCache,
+    classifier_accuracy,
+    dataset_description,
+    reference_features,
+    reference_images,
+    sample_quality,
+)
 from difflab.module import DiffusionModule
 from difflab.summarize import RESULTS_FILE
 from difflab.tasks.checks import check_cache_dir, check_sampling_settings
@@ -75,13 +83,27 @@ def nll_data(cfg: DictConfig, datamodule: Any, module: DiffusionModule) -> tuple
     return images[:count], labels[:count] if module.num_classes else None
 
 
-def held_out_prompts(datamodule: Any, module: DiffusionModule) -> list[str] | None:
+def held_out_captions(datamodule: Any, module: DiffusionModule) -> tuple[list[str], torch.Tensor] | None:
     """A text model's prompts for FID / KID: the captions of its held-out split (of the training split if none is
-    held out), cycled by the sampling plan; None for other models."""
+    held out), cycled by the sampling plan, with their images' labels (N,); None for other models."""
     if not hasattr(module.conditioning, "token_ids"):
         return None
     datamodule.setup("fit")
-    return list(datamodule.val_set.captions or datamodule.train_set.captions)
+    split = datamodule.val_set if datamodule.val_set.captions else datamodule.train_set
+    return list(split.captions), split.labels
+
+
+def prompt_labels(
+    captions: tuple[list[str], torch.Tensor] | None, datamodule: Any, features: Any, num_samples: int
+) -> torch.Tensor | None:
+    """The class each sample's prompt names (N,): the label of the image the caption came from, where the data has
+    classes and the feature classifier was trained on those classes; None where prompt following is not scored."""
+    if captions is None or len(datamodule.class_names) < 2 or not isinstance(features, ClassifierFeatures):
+        return None
+    if features.class_names != list(datamodule.class_names):
+        return None
+    labels = captions[1]
+    return labels[torch.arange(num_samples) % len(labels)]
 
 
 def evaluate(cfg: DictConfig, results_path: Path | None = None) -> dict[str, Any]:
@@ -89,8 +111,9 @@ def evaluate(cfg: DictConfig, results_path: Path | None = None) -> dict[str, Any
     (or ``results_path``, given: the watcher's ``<run>/eval/step_XXXXXX.json``).
 
     Only what ``cfg.metrics`` asks for is computed: sampling for fid / kid, the bound for nll
-    (:mod:`difflab.likelihood`, on the checkpoint's held-out split). Every setting is checked
-    before any of them starts. Returns the results (``summarize``'s schema).
+    (:mod:`difflab.likelihood`, on the checkpoint's held-out split); a text model's fid / kid samples are prompted
+    by the held-out captions, and on classed data scored for prompt following too (``prompt_accuracy``). Every
+    setting is checked before any of them starts. Returns the results (``summarize``'s schema).
     """
     metrics = metric_names(cfg.metrics)
     quality = bool({"fid", "kid"} & set(metrics))
@@ -109,9 +132,10 @@ def evaluate(cfg: DictConfig, results_path: Path | None = None) -> dict[str, Any
     datamodule_config = module.hparams["run_config"]["dataset"]  # the data it was trained on
     datamodule = instantiate_node(datamodule_config, "dataset")
     num_timesteps = module.schedule.num_timesteps
-    plan, features = None, None
+    plan, features, named = None, None, None
     if quality:
-        plan = sampling_plan(cfg, sampler, module, device, held_out_prompts(datamodule, module))
+        captions = held_out_captions(datamodule, module)
+        plan = sampling_plan(cfg, sampler, module, device, None if captions is None else captions[0])
         overrides = list(cfg.get("feature_classifier_overrides") or [])
         features = resolved_features(cfg.features, datamodule_config, overrides, train_classifier)
         features = instantiate_node(features, "features")
@@ -123,6 +147,7 @@ def evaluate(cfg: DictConfig, results_path: Path | None = None) -> dict[str, Any
                 f"(shape {module.net.sample_shape}): {err}"
             ) from err
         features.to(device)
+        named = prompt_labels(captions, datamodule, features, plan.num_samples)
     if "nll" in metrics:
         check_supported(module)
         nll_sampler(module, sampler)
@@ -168,6 +193,8 @@ def evaluate(cfg: DictConfig, results_path: Path | None = None) -> dict[str, Any
             results["metrics"]["fid"] = scores["fid"]
         if "kid" in metrics:
             results["metrics"] |= {k: scores[k] for k in ("kid_mean", "kid_std", "kid_subset_size")}
+        if named is not None:
+            results["metrics"]["prompt_accuracy"] = classifier_accuracy(features, images, named, cfg.batch_size)
         lines.append(
             f"sampled:     {plan.num_samples} images, {results['sampler']['name']} {results['num_steps']} steps, "
             f"{seconds:.1f} s ({seconds / plan.num_samples:.4f} s/image)"
@@ -179,6 +206,11 @@ def evaluate(cfg: DictConfig, results_path: Path | None = None) -> dict[str, Any
         if "kid" in metrics:
             lines.append(
                 f"KID:         {scores['kid_mean']:.6g} +- {scores['kid_std']:.3g}  (subsets of {scores['kid_subset_size']})"
+            )
+        if named is not None:
+            lines.append(
+                f"prompts:     prompt_accuracy {results['metrics']['prompt_accuracy']:.4f}  (the feature classifier "
+                "reads the class the prompt names; prompts: the held-out captions)"
             )
     if "nll" in metrics:
         started = time.perf_counter()
