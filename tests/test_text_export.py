@@ -10,7 +10,8 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 
-from difflab.build import instantiate_node, load_checkpoint
+from difflab.build import build_module, instantiate_node, load_checkpoint
+from difflab.export import export_diffusers
 from difflab.seeding import PerSampleNoise
 from difflab.tasks import export, train
 from difflab.tasks.sample import sampling_plan
@@ -93,13 +94,15 @@ def test_a_latent_clip_text_model_exports_as_a_stable_diffusion_pipeline_that_sa
     assert vae_config["scaling_factor"] == float(module.latent.scaling_factor)  # the pipeline decodes D(x0 / s)
     diff, guidance_effect = _max_abs_diff(run, out, "the digit 3")
     print(f"clip: max |sample.py - StableDiffusionPipeline| = {diff:.2e}; guidance moves the images by {guidance_effect:.2e}")
-    assert diff < TOLERANCE and guidance_effect > 10 * TOLERANCE
+    assert diff < TOLERANCE and guidance_effect > 5 * TOLERANCE
 
 
 def test_a_scratch_text_model_exports_its_own_tokenizer_and_samples_as_sample_py(stage1, tmp_path):
     run, out, manifest = _train_and_export(tmp_path, stage1[0] / "vae")
     assert manifest["pipeline"] == "StableDiffusionPipeline"
     module = load_checkpoint(run)
+    index = json.loads((out / "model_index.json").read_text())
+    assert index["tokenizer"] == ["transformers", "PreTrainedTokenizerFast"]  # a name transformers 4 and 5 both have
     pipeline = StableDiffusionPipeline.from_pretrained(out, safety_checker=None)
     prompts = ["a handwritten seven", "a picture of a seven", ""]  # known words, unknown words, the null prompt
     ids = pipeline.tokenizer(prompts, padding="max_length", max_length=pipeline.tokenizer.model_max_length,
@@ -107,4 +110,27 @@ def test_a_scratch_text_model_exports_its_own_tokenizer_and_samples_as_sample_py
     assert torch.equal(ids, module.conditioning.token_ids(prompts))  # tokenized exactly as in training
     diff, guidance_effect = _max_abs_diff(run, out, "a handwritten seven", negative_prompt="the digit 1")
     print(f"scratch: max |sample.py - StableDiffusionPipeline| = {diff:.2e}; guidance moves the images by {guidance_effect:.2e}")
-    assert diff < TOLERANCE and guidance_effect > 10 * TOLERANCE
+    assert diff < TOLERANCE and guidance_effect > 5 * TOLERANCE
+
+
+def test_a_pixel_space_text_model_exports_its_parts_and_says_why_not_stable_diffusion_pipeline(clip_checkout, tmp_path):
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    cfg = compose("train", ["model=tiny", "dataset.resolution=8", "conditioning=text", "text_encoder=clip",
+                            f"text_encoder.path={clip_checkout}", "output_dir=/unused"])
+    module = build_module(cfg)
+    manifest = export_diffusers(module, tmp_path, {"global_step": 0})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["difflab.json", "scheduler", "text_encoder", "tokenizer", "unet"]
+    assert manifest["pipeline"] is None and manifest["stable_diffusion_pipeline_blockers"] == [
+        "pixel-space (StableDiffusionPipeline decodes every sample with vae/: train with latent=vae)"]
+    tokenizer = CLIPTokenizer.from_pretrained(tmp_path / "tokenizer")
+    ids = tokenizer(["the digit 3", ""], padding="max_length", max_length=tokenizer.model_max_length,
+                    return_tensors="pt").input_ids
+    assert torch.equal(ids, module.conditioning.token_ids(["the digit 3", ""]))
+    unet, text_encoder = UNet2DConditionModel.from_pretrained(tmp_path / "unet"), CLIPTextModel.from_pretrained(
+        tmp_path / "text_encoder")
+    x, t = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([3, 900])
+    with torch.no_grad():
+        exported = unet.eval()(x, t, encoder_hidden_states=text_encoder.eval()(ids).last_hidden_state).sample
+        assert torch.equal(exported, module.ema.module.eval()(x, t, ids))  # the EMA network, bit for bit

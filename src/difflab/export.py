@@ -93,6 +93,28 @@ def set_vae_scaling_factor(vae_dir: Path, scaling_factor: float) -> None:
     path.write_text(json.dumps({**config, "scaling_factor": scaling_factor}, indent=2, sort_keys=True) + "\n")
 
 
+PORTABLE_TOKENIZER_CLASSES = {"TokenizersBackend": "PreTrainedTokenizerFast"}
+"""transformers 5 saves a PreTrainedTokenizerFast (the scratch encoder's) under the name of its base class
+TokenizersBackend, which transformers 4 (difflab takes >= 4.40) lacks; both have PreTrainedTokenizerFast (in 5 the
+same class), so the export names that."""
+
+
+def name_tokenizer_portably(out: Path) -> None:
+    """Rename the tokenizer's class in ``out/tokenizer/tokenizer_config.json`` and ``out/model_index.json`` (if
+    written) by :data:`PORTABLE_TOKENIZER_CLASSES`."""
+    config_path, index_path = out / "tokenizer" / "tokenizer_config.json", out / "model_index.json"
+    config = json.loads(config_path.read_text())
+    name = config.get("tokenizer_class")
+    if name not in PORTABLE_TOKENIZER_CLASSES:
+        return
+    config["tokenizer_class"] = PORTABLE_TOKENIZER_CLASSES[name]
+    config_path.write_text(json.dumps(config, indent=2) + "\n")
+    if index_path.is_file():
+        index = json.loads(index_path.read_text())
+        index["tokenizer"] = ["transformers", PORTABLE_TOKENIZER_CLASSES[name]]
+        index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
 def export_diffusers(module: DiffusionModule, out: Path, provenance: dict[str, Any]) -> dict[str, Any]:
     """Write ``out/unet`` (the EMA UNet, safetensors), ``out/scheduler`` and ``out/difflab.json``, plus
     ``out/model_index.json`` when ``DDPMPipeline.from_pretrained(out)`` (unconditional models) or
@@ -127,6 +149,7 @@ def export_diffusers(module: DiffusionModule, out: Path, provenance: dict[str, A
         set_vae_scaling_factor(out / "vae", float(module.latent.scaling_factor))
         extras["latent"] = {**module.latent.summary(), "path": "vae"}
     if text:
+        name_tokenizer_portably(out)
         extras["text"] = {"text_encoder": "text_encoder", "tokenizer": "tokenizer", "max_length": module.conditioning.max_length}
         extras["stable_diffusion_pipeline"] = not blockers
         extras["stable_diffusion_pipeline_blockers"] = blockers
