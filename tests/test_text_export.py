@@ -80,6 +80,7 @@ def _max_abs_diff(run: Path, out: Path, prompt: str, negative_prompt: str | None
     return (ours - theirs).abs().max().item(), (theirs - draw(1.0)).abs().max().item()
 
 
+@pytest.mark.slow
 def test_a_latent_clip_text_model_exports_as_a_stable_diffusion_pipeline_that_samples_as_sample_py(
     stage1, clip_checkout, tmp_path
 ):
@@ -97,6 +98,7 @@ def test_a_latent_clip_text_model_exports_as_a_stable_diffusion_pipeline_that_sa
     assert diff < TOLERANCE and guidance_effect > 5 * TOLERANCE
 
 
+@pytest.mark.slow
 def test_a_scratch_text_model_exports_its_own_tokenizer_and_samples_as_sample_py(stage1, tmp_path):
     run, out, manifest = _train_and_export(tmp_path, stage1[0] / "vae")
     assert manifest["pipeline"] == "StableDiffusionPipeline"

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import diffusers
-from diffusers import DDIMScheduler, DDPMPipeline, DDPMScheduler, StableDiffusionPipeline
+from diffusers import DDIMScheduler, DDPMPipeline, DDPMScheduler
 
 from difflab.module import DiffusionModule
 from difflab.samplers.zoo import PREDICTION_TYPES, diffusers_betas
@@ -139,6 +139,8 @@ def export_diffusers(module: DiffusionModule, out: Path, provenance: dict[str, A
         for name, part in parts.items():
             part.save_pretrained(out / name)
     elif text:
+        from diffusers import StableDiffusionPipeline  # here: it imports transformers' image models, text models only
+
         StableDiffusionPipeline(
             **parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False
         ).save_pretrained(out)
