@@ -53,6 +53,18 @@ def ddim_scheduler(module: DiffusionModule) -> DDIMScheduler:
     return DDIMScheduler(set_alpha_to_one=True, steps_offset=1, **scheduler_config(module))
 
 
+def network_blockers(module: DiffusionModule) -> list[str]:
+    """What no diffusers pipeline samples: a UNet that also takes its previous x0 estimate, and shaped noise."""
+    reasons = []
+    if module.net.self_condition:
+        reasons.append("self-conditioned (the UNet also takes its previous x0 estimate)")
+    if not module.noise.is_identity:
+        reasons.append(
+            f"shaped noise ({module.noise.option}: samples live in whitened coordinates, see noise.safetensors)"
+        )
+    return reasons
+
+
 def pipeline_blockers(module: DiffusionModule) -> list[str]:
     """Why ``DDPMPipeline`` cannot sample this model (it calls ``unet(x_t, t)`` on C channels); empty if it can."""
     reasons = []
@@ -60,13 +72,9 @@ def pipeline_blockers(module: DiffusionModule) -> list[str]:
         reasons.append(f"class-conditional ({module.num_classes} classes + null label {module.null_label})")
     if module.net.text_encoder is not None:
         reasons.append("text-conditional (see stable_diffusion_pipeline_blockers)")
-    if module.net.self_condition:
-        reasons.append("self-conditioned (the UNet also takes its previous x0 estimate)")
     if module.latent is not None:
         reasons.append("latent-space (samples are decoded by vae/ after dividing by difflab.json's scaling_factor)")
-    if not module.noise.is_identity:
-        reasons.append(f"shaped noise ({module.noise.option}: samples live in whitened coordinates, see noise.safetensors)")
-    return reasons
+    return reasons + network_blockers(module)
 
 
 def stable_diffusion_blockers(module: DiffusionModule) -> list[str]:
@@ -77,11 +85,7 @@ def stable_diffusion_blockers(module: DiffusionModule) -> list[str]:
         reasons.append("pixel-space (StableDiffusionPipeline decodes every sample with vae/: train with latent=vae)")
     if module.net.learn_variance:
         reasons.append("learned variance (the UNet's 2C output channels: the pipeline's schedulers step on C)")
-    if module.net.self_condition:
-        reasons.append("self-conditioned (the UNet also takes its previous x0 estimate)")
-    if not module.noise.is_identity:
-        reasons.append(f"shaped noise ({module.noise.option}: samples live in whitened coordinates, see noise.safetensors)")
-    return reasons
+    return reasons + network_blockers(module)
 
 
 def set_vae_scaling_factor(vae_dir: Path, scaling_factor: float) -> None:
@@ -152,8 +156,9 @@ def export_diffusers(module: DiffusionModule, out: Path, provenance: dict[str, A
         extras["latent"] = {**module.latent.summary(), "path": "vae"}
     if text:
         name_tokenizer_portably(out)
-        extras["text"] = {"text_encoder": "text_encoder", "tokenizer": "tokenizer", "max_length": module.conditioning.max_length}
-        extras["stable_diffusion_pipeline"] = not blockers
+        extras["text"] = {
+            "text_encoder": "text_encoder", "tokenizer": "tokenizer", "max_length": module.conditioning.max_length
+        }
         extras["stable_diffusion_pipeline_blockers"] = blockers
     if not module.noise.is_identity:
         module.noise.save(out / "noise.safetensors")
