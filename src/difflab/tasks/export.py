@@ -26,9 +26,17 @@ def export(cfg: DictConfig) -> dict[str, Any]:
     class_names = list(OmegaConf.select(run_config, "conditioning.class_names", default=[]))
     source = {"checkpoint": str(path.resolve()), "global_step": int(ckpt["global_step"]), "class_names": class_names}
     manifest = export_diffusers(module, out, source)
-    use = f"DDPMPipeline.from_pretrained({str(out)!r})" if manifest["ddpm_pipeline"] else (
-        f"UNet2DModel.from_pretrained({str(out / 'unet')!r}) (not DDPMPipeline: "
-        f"{'; '.join(manifest['ddpm_pipeline_blockers'])})")
+    if manifest["pipeline"] == "StableDiffusionPipeline":
+        use = f"StableDiffusionPipeline.from_pretrained({str(out)!r}, safety_checker=None)"
+    elif manifest["pipeline"] == "DDPMPipeline":
+        use = f"DDPMPipeline.from_pretrained({str(out)!r})"
+    elif "stable_diffusion_pipeline_blockers" in manifest:
+        use = (f"UNet2DConditionModel.from_pretrained({str(out / 'unet')!r}) and CLIPTextModel.from_pretrained("
+               f"{str(out / 'text_encoder')!r}) (not StableDiffusionPipeline: "
+               f"{'; '.join(manifest['stable_diffusion_pipeline_blockers'])})")
+    else:
+        use = (f"UNet2DModel.from_pretrained({str(out / 'unet')!r}) (not DDPMPipeline: "
+               f"{'; '.join(manifest['ddpm_pipeline_blockers'])})")
     step = manifest["global_step"]
     print(f"exported:    {show(out)} (step {step}, EMA weights); load with diffusers' {use}", flush=True)
     return manifest
