@@ -1,9 +1,10 @@
 """Text conditioning on the digits (issue #16): prompt following against guidance, and the cost of text.
 
-    python -m bench.text_prompt_following [--run DIR] [--per-prompt 5] [--scales 1 2 3 5]
+    python -m bench.text_prompt_following [--run DIR] [--per-prompt 5] [--scales 1 2 3 5] [--skip-cost | --cost-only]
 
 Without --run it trains the default text run first (``python train.py conditioning=text run_id=bench_text``: the
-default budget, pixel space) and measures that. An independent judge, scikit-learn's LogisticRegression on the real
+default budget, pixel space) and measures that; ``--run`` takes any text run, a latent one (``latent=vae``)
+included: samples are judged after decoding. An independent judge, scikit-learn's LogisticRegression on the real
 digits' training split (8x8 pixels), a model the generator never trained with, reads the digit of each sample; a
 sample is right when it is the digit its prompt names. Prompts: every digit in three phrasings seen in training and
 in the held-out one (:data:`difflab.text.HELD_OUT_TEMPLATE`), ``--per-prompt`` samples each, ancestral 50 steps.
@@ -39,7 +40,9 @@ def prompt_following(run: str, per_prompt: int, scales: list[float]) -> None:
     from sklearn.linear_model import LogisticRegression
 
     module = load_checkpoint(run)
-    dm = DigitsDataModule(resolution=module.net.sample_shape[-1], val_fraction=0.1)
+    shape = module.net.sample_shape  # a latent model's samples are judged decoded, at the images' resolution
+    resolution = shape[-1] if module.latent is None else module.latent.decode(torch.zeros(1, *shape)).shape[-1]
+    dm = DigitsDataModule(resolution=resolution, val_fraction=0.1)
     dm.setup()
     judge = LogisticRegression(max_iter=5000).fit(pixels8(dm.train_set.images).numpy(), dm.train_set.labels.numpy())
     print(f"judge: logistic regression on 8x8 pixels, held-out accuracy "
@@ -106,7 +109,11 @@ def main() -> None:
     parser.add_argument("--per-prompt", type=int, default=5)
     parser.add_argument("--scales", type=float, nargs="+", default=[1, 2, 3, 5])
     parser.add_argument("--skip-cost", action="store_true")
+    parser.add_argument("--cost-only", action="store_true", help="only the text vs class cost (no run needed)")
     args = parser.parse_args()
+    if args.cost_only:
+        cost()
+        return
     run = args.run
     if run is None:
         run = str(ROOT / "outputs" / "train" / "bench_text")
