@@ -1,9 +1,9 @@
 """Data at scale: loader throughput per source and path, training memory on 1,000 vs 100,000 PNGs, shard I/O.
 
-    python bench/data.py loaders [--rounds 3]          # img/s of each source's training loader, 32 and 64 px
-    python bench/data.py memory [--sizes 1000 100000]  # peak RSS and time to the first optimizer step of train.py
-    python bench/data.py shards [--n 20000]            # shard write speed, read throughput with 1 and 2 processes
-    python bench/data.py headers [--n 5000]            # the header check per file: PNG IHDR read vs PIL.Image.open
+    python -m bench.data loaders [--rounds 3]          # img/s of each source's training loader, 32 and 64 px
+    python -m bench.data memory [--sizes 1000 100000]  # peak RSS and time to the first optimizer step of train.py
+    python -m bench.data shards [--n 20000]            # shard write speed, read throughput with 1 and 2 processes
+    python -m bench.data headers [--n 5000]            # the header check per file: PNG IHDR read vs PIL.Image.open
 
 Every dataset is synthetic (python -m difflab.data.synthetic's generator), written under --work (default
 /tmp/difflab_bench_data; the 100,000-PNG folder is ~1.2 GB). Loader throughput is images per second over

@@ -4,9 +4,9 @@ task (``difflab.tasks.evaluate``), the function ``python evaluate.py`` runs.
 
     python train.py run_id=bench_eval                                            # step_000300/600/900/1200 checkpoints
     python train_classifier.py --config-name feature_classifier                  # the FID / KID features
-    python bench/evaluation.py checkpoints outputs/train/bench_eval --features outputs/feature_classifier/latest
-    python bench/evaluation.py nll outputs/train/bench_eval --timesteps 10 25 50 100 --seeds 3
-    python bench/evaluation.py samplers outputs/train/bench_eval --features outputs/feature_classifier/latest
+    python -m bench.evaluation checkpoints outputs/train/bench_eval --features outputs/feature_classifier/latest
+    python -m bench.evaluation nll outputs/train/bench_eval --timesteps 10 25 50 100 --seeds 3
+    python -m bench.evaluation samplers outputs/train/bench_eval --features outputs/feature_classifier/latest
 
 Results go to ``outputs/bench/evaluation/<command>/`` (one results.json per evaluation, as evaluate.py writes them) and
 the tables are printed. Timings on a shared machine: every line also prints the load average at that moment, and

@@ -1,10 +1,10 @@
 """GPU check of the paper-scale path: a few hundred steps of experiment=cifar10_ddpm (the 35.7M UNet of Ho et al. 2020,
 batch 128, bf16-mixed) on synthetic 32x32 data, through train.py's own code; prints img/s, peak memory and MFU.
 
-    python bench/gpu_check.py                       # on a CUDA machine: 300 steps, under 8 minutes with the startup
-    python bench/gpu_check.py --peak-tflops 989     # the GPU's dense bf16 peak, when its name is not in PEAK_TFLOPS
-    python bench/gpu_check.py --flops-only          # anywhere: the model FLOPs per training image, no training
-    python bench/gpu_check.py --accelerator cpu --model tiny --steps 12 --batch 8 --precision 32-true   # a CPU smoke run
+    python -m bench.gpu_check                       # on a CUDA machine: 300 steps, under 8 minutes with the startup
+    python -m bench.gpu_check --peak-tflops 989     # the GPU's dense bf16 peak, when its name is not in PEAK_TFLOPS
+    python -m bench.gpu_check --flops-only          # anywhere: the model FLOPs per training image, no training
+    python -m bench.gpu_check --accelerator cpu --model tiny --steps 12 --batch 8 --precision 32-true   # a CPU smoke run
 
 MFU (model FLOP utilisation, PaLM's definition) = the UNet's forward + backward FLOPs per image (counted once by
 torch's FlopCounterMode on the meta device, so nothing is allocated) x images per second / the device's peak.

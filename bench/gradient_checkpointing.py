@@ -1,6 +1,6 @@
 """Memory and time of a training step with and without model.gradient_checkpointing=true, on CPU at 64x64.
 
-    python bench/gradient_checkpointing.py [--model ddpm_cifar10] [--resolution 64] [--batch 4]
+    python -m bench.gradient_checkpointing [--model ddpm_cifar10] [--resolution 64] [--batch 4]
 
 Each variant runs in its own process, with glibc told to serve every allocation over 64 KiB by mmap
 (MALLOC_MMAP_THRESHOLD_), so a freed tensor leaves the resident set at once and RSS follows the live tensors.

@@ -1,6 +1,6 @@
 """Guidance on the digits: label accuracy and Frechet distance against the guidance strength.
 
-    python bench/guidance.py CKPT [--classifier RUN] [--num-samples 500] [--scales 0 1 2 3 5] [--cg-scales 0 1 2 5]
+    python -m bench.guidance CKPT [--classifier RUN] [--num-samples 500] [--scales 0 1 2 3 5] [--cg-scales 0 1 2 5]
 
 An independent judge: scikit-learn's LogisticRegression on the real digits' training split (8x8
 pixels), a model the generator never trained with; its accuracy on the held-out split is printed

@@ -1,6 +1,6 @@
 """Check the FID Inception file against pytorch-fid's FIDInceptionV3, as far as it can be checked offline.
 
-    python bench/inception_parity.py [PATH]   # PATH: default_1.pt; default: where features=inception looks
+    python -m bench.inception_parity [PATH]   # PATH: default_1.pt; default: where features=inception looks
 
 pytorch-fid's weights (pt_inception-2015-12-05-6726825d.pth) download at run time, so their values
 cannot be compared here. What this checks, and prints (docs/evaluation.md records the output):

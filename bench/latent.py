@@ -1,6 +1,6 @@
 """Pixel-space vs latent-space diffusion on the digits at the same CPU training time (issue #4).
 
-    python bench/latent.py [--pixel-steps 1200] [--rounds 3] [--num-samples 1000]
+    python -m bench.latent [--pixel-steps 1200] [--rounds 3] [--num-samples 1000]
 
 1. Stage 1: `python train_vae.py run_id=bench_vae` (the default autoencoder=small, 600 steps), reused if present.
 2. Throughput: rounds of 60-step `train.py` runs alternating pixel (the default model on 16x16x1 images) and latent

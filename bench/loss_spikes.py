@@ -6,7 +6,7 @@ does (the run's batch size, t and noise from a per-batch generator), evaluates t
 checkpoint's raw weights without updating them (the stationary late phase of a run, where false
 alarms would hurt) and reports the largest z and how often z exceeds each threshold.
 
-    python bench/loss_spikes.py ckpt=outputs/train/latest --batches 600
+    python -m bench.loss_spikes ckpt=outputs/train/latest --batches 600
 """
 
 from __future__ import annotations

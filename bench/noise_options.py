@@ -1,6 +1,6 @@
 """Shaped noise at the same training budget (issue #7): iid vs offset vs covariance vs spectral.
 
-    python bench/noise_options.py [--steps 1200] [--options iid,offset,covariance,spectral] [--num-samples 1000]
+    python -m bench.noise_options [--steps 1200] [--options iid,offset,covariance,spectral] [--num-samples 1000]
 
 Trains each option with `python train.py noise=NAME run_id=bench_noise_NAME_STEPS` (the default model and data, the
 same seed and number of optimizer steps; the median logged train/images_per_sec shows the per-step cost is the same

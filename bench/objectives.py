@@ -1,6 +1,6 @@
 """Prediction target x loss weighting at the same training budget (issue #8): eps / v / x0, uniform / min-SNR.
 
-    python bench/objectives.py [--steps 1200] [--variants eps:simple,v:simple,x0:simple,eps:min_snr,v:min_snr,x0:min_snr]
+    python -m bench.objectives [--steps 1200] [--variants eps:simple,v:simple,x0:simple,eps:min_snr,v:min_snr,x0:min_snr]
         [--num-samples 1000]
 
 Trains each variant with `python train.py objective=O loss=L run_id=bench_O_L` (the default model, digits at 16x16,

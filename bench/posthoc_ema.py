@@ -1,7 +1,7 @@
 """Post-hoc EMA on the digits: the FD of EMAs of several widths reconstructed from ONE run's snapshots, against the
 classic EMA at two fixed decays (the model's ema_decay: 0.995 in that run, 0.999 in a second run of the same seed).
 
-    python bench/posthoc_ema.py [--steps 1200] [--every 100] [--num-samples 1000] [--sampler-steps 50] [OVERRIDE ...]
+    python -m bench.posthoc_ema [--steps 1200] [--every 100] [--num-samples 1000] [--sampler-steps 50] [OVERRIDE ...]
 
 Both runs train the default model (model=small, 16x16) with the default config, only ``trainer.max_steps``, the
 snapshot interval and ``model.ema_warmup=false`` set: with the default warm-up, d = min(decay, (1 + n) / (10 + n))

@@ -1,6 +1,6 @@
 """Sample quality of a trained checkpoint: Frechet distance to the real digits in 8x8 pixel space.
 
-    python bench/sample_quality.py outputs/train/latest [--num-samples 1000] [--sampler NAME] [--steps 50]
+    python -m bench.sample_quality outputs/train/latest [--num-samples 1000] [--sampler NAME] [--steps 50]
 
 NAME is any conf/sampler option (ancestral, ddpm, ddim, dpmpp_2m, unipc, ...).
 

@@ -1,6 +1,6 @@
 """Frechet distance vs number of model evaluations (NFE) for the samplers of issue #8, with seconds per image.
 
-    python bench/sampler_zoo.py outputs/train/latest [--samplers ancestral,ddim,dpmpp_2m,unipc,euler_ancestral,heun]
+    python -m bench.sampler_zoo outputs/train/latest [--samplers ancestral,ddim,dpmpp_2m,unipc,euler_ancestral,heun]
         [--nfe 5,10,20,50,100] [--extra ddim:25,ancestral:1000,ddim:1000] [--num-samples 250]
         [--features outputs/feature_classifier/latest]
 

@@ -1,6 +1,6 @@
 """Sampling speed: difflab's DDPM-1000 and DDIM-50 vs the same loop written over diffusers' schedulers.
 
-    python bench/sampling.py [--batch 32] [--rounds 2] [--model small] [--resolution 16]
+    python -m bench.sampling [--batch 32] [--rounds 2] [--model small] [--resolution 16]
 
 Same UNet (random weights: speed does not depend on them), same batch. Rounds alternate between
 the two implementations (DDIM-50 gets 5x the rounds). Each UNet call is time-stamped, so a step's

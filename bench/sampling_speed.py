@@ -1,7 +1,7 @@
 """Sampling speed at equal quality: seconds per image of diffusers' DDIMPipeline (50 steps), difflab's DDIM-50 in
 float32, and faster difflab settings, with the Frechet distance of each, side by side in one run.
 
-    python bench/sampling_speed.py CKPT [--num-samples 500] [--batch 64] [--rounds 2]
+    python -m bench.sampling_speed CKPT [--num-samples 500] [--batch 64] [--rounds 2]
 
 All rows sample the checkpoint's EMA UNet (the same weights) at the same batch size. The distance is
 bench.common's Frechet distance in 8x8 pixel space against all 1,797 digits (lower is better), and the one in

@@ -1,6 +1,6 @@
 """Training throughput of the launch and speed knobs, each a real `python train.py` run of the default model.
 
-    python bench/scaling.py [--steps 80] [--rounds 2] [--variants fp32,ddp2,bf16,channels_last,compile]
+    python -m bench.scaling [--steps 80] [--rounds 2] [--variants fp32,ddp2,bf16,channels_last,compile]
 
 Variants: fp32 (1 process, 2 threads: the default), ddp2 (trainer=ddp_cpu: 2 gloo processes of 1
 thread each, the stand-in for multi-GPU), bf16 (trainer.precision=bf16-mixed), channels_last

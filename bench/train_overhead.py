@@ -1,6 +1,6 @@
 """End-to-end training overhead: the share of `python train.py`'s wall time that is not optimizer steps.
 
-    python bench/train_overhead.py [--scale 20] [--keep DIR] [-- OVERRIDE ...]
+    python -m bench.train_overhead [--scale 20] [--keep DIR] [-- OVERRIDE ...]
 
 Runs ``python train.py`` as a user would (a fresh process: imports, data, model, every default callback, the
 report at the end) under Lightning's SimpleProfiler, at the default settings shortened ``--scale`` times: max_steps

@@ -1,6 +1,6 @@
 """Training throughput: difflab's Lightning training step vs a plain PyTorch loop (same UNet, schedule, EMA, data).
 
-    python bench/train_throughput.py [--steps 60] [--rounds 3] [--model small] [--resolution 16]
+    python -m bench.train_throughput [--steps 60] [--rounds 3] [--model small] [--resolution 16]
 
 Both loops draw t and eps, run the UNet, take an AdamW step with gradient clipping and update the
 EMA with torch._foreach_lerp_. Rounds alternate between the two (step times drift 10-15% on these

@@ -1,6 +1,6 @@
 """Stage 1 of latent diffusion on the digits: held-out reconstruction error of the default VAE against baselines.
 
-    python bench/vae.py [--out DIR] [--grid docs/images/vae_reconstructions.png] [OVERRIDE ...]
+    python -m bench.vae [--out DIR] [--grid docs/images/vae_reconstructions.png] [OVERRIDE ...]
 
 Trains ``python train_vae.py``'s default (``autoencoder=small``, 16x16 digits, its default number of
 steps; extra arguments are Hydra overrides such as ``trainer.max_steps=2000``) in this process,
