@@ -19,15 +19,14 @@ refused (the latter get the empty prompt with ``allow_missing_captions=true``).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-from pathlib import Path
-
 import csv
 import json
 import os
 import struct
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -123,6 +122,7 @@ def _listing(names: list[str]) -> str:
 
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+"""The 8 bytes every PNG file starts with (PNG spec 5.2)."""
 
 
 def png_size(path: Path) -> tuple[int, int] | None:
