@@ -131,7 +131,7 @@ def main() -> None:
         for sigma_rel in filter(None, args.sigma_rels.split(",")):
             out = run / "checkpoints" / f"posthoc_ema_{sigma_rel}.ckpt"
             if not out.is_file():
-                posthoc_ema(compose("posthoc_ema", [f"run={run}", f"sigma_rel={sigma_rel}", f"output_dir={OUT}"]))
+                posthoc_ema(compose("posthoc_ema", [f"run={run}", f"sigma_rel={sigma_rel}"]))
             ckpts.append((str(out), f"post-hoc EMA {sigma_rel}"))
 
     features: dict[int, ClassifierFeatures] = {}
