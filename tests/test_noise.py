@@ -33,6 +33,7 @@ from difflab.noise import (
     participation_ratio,
     shape_spectrum,
 )
+from difflab.noise.gaussian import dense_root, exact_denoiser, exact_denoiser_matrix
 from difflab.noise.statistics import dct_matrix
 from tests.conftest import compose
 
@@ -60,12 +61,6 @@ def fitted(name: str, data: str = "digits", **knobs) -> ShapedNoise:
     return NOISES[name](tuple(x.shape[1:]), **knobs).fit(x.split(64))
 
 
-def dense_root(noise: ShapedNoise) -> torch.Tensor:
-    """A (n, n), float64, by colouring the identity basis: column j is A e_j."""
-    n = noise.dim
-    return noise.color(torch.eye(n, dtype=torch.float64).view(n, *noise.shape)).view(n, n).T
-
-
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.linalg.matrix_norm(a - b) / torch.linalg.matrix_norm(b))
 
@@ -78,7 +73,7 @@ def whitened_pr_fraction(noise: ShapedNoise, x: torch.Tensor) -> float:
 
 # -- the analytic Gaussian (pure torch, independent of the samplers' code) --------------------------------------
 # For data x0 ~ N(m, Sigma) and the shaped forward process x_t = sqrt(abar) (x0 - mu) + sqrt(1 - abar) A z, the
-# exact denoiser is linear: z_hat = sqrt(1 - abar) A^T M^-1 (x_t - sqrt(abar) (m - mu)), M = abar Sigma + (1 - abar) C.
+# exact denoiser (difflab.noise.gaussian) is linear: z_hat = sqrt(1 - abar) A^T M^-1 (x_t - sqrt(abar) (m - mu)), M = abar Sigma + (1 - abar) C.
 # So DDIM with eta = 0 run on y = A^-1 x with y -> z_hat(A y) is a linear map and its output covariance is exact.
 
 
@@ -90,18 +85,6 @@ def linear_abar(num_timesteps: int = 1000) -> torch.Tensor:
 def trailing_grid(num_timesteps: int, num_steps: int) -> list[int]:
     """Timesteps T - 1, ..., of a ``trailing`` grid (diffusers' spacing), descending."""
     return [round(num_timesteps - i * num_timesteps / num_steps) - 1 for i in range(num_steps)]
-
-
-def exact_denoiser_matrix(sigma: torch.Tensor, a: torch.Tensor, c: torch.Tensor, abar: torch.Tensor) -> torch.Tensor:
-    """K = sqrt(1 - abar) A^T (abar Sigma + (1 - abar) C)^-1 (n, n): z_hat = K (x_t - sqrt(abar) (m - mu))."""
-    return (1 - abar).sqrt() * torch.linalg.solve(abar * sigma + (1 - abar) * c, a).T
-
-
-def exact_denoiser(sigma: torch.Tensor, data_mean: torch.Tensor, noise: ShapedNoise, abar: torch.Tensor):
-    """x_t (B, C, H, W) -> E[z | x_t] for x0 ~ N(data_mean, sigma), float64."""
-    k = exact_denoiser_matrix(sigma, dense_root(noise), noise.covariance(), abar)
-    shift = abar.sqrt() * (data_mean - noise.mean).flatten()
-    return lambda x_t: ((x_t.flatten(1).double() - shift) @ k.T).view(x_t.shape)
 
 
 def ddim_output_covariance(
