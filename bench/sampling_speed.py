@@ -1,5 +1,6 @@
 """Sampling speed at equal quality: seconds per image of diffusers' DDIMPipeline (50 steps), difflab's DDIM-50 in
-float32, and faster difflab settings, with the Frechet distance of each, side by side in one run.
+float32 (also with x0 clipped to [-1, 1], as DDIMPipeline does by default), and faster difflab settings, with
+the Frechet distance of each, side by side in one run.
 
     python -m bench.sampling_speed CKPT [--num-samples 500] [--batch 64] [--rounds 2]
 
@@ -25,11 +26,14 @@ from bench.common import frechet_distance, real_digits, sampler_config  # noqa: 
 from bench.quality_per_compute import halves, independent_features  # noqa: E402
 from difflab.build import load_checkpoint  # noqa: E402
 
-FAST = [  # (label, sampler, sampler overrides, precision)
-    ("difflab DDIM-50 bf16", "ddim", ["num_steps=50"], "bf16"),
-    ("difflab DPM-Solver++ 2M 20 steps fp32", "dpmpp_2m", ["num_steps=20"], "fp32"),
-    ("difflab DPM-Solver++ 2M 20 steps bf16", "dpmpp_2m", ["num_steps=20"], "bf16"),
+CLIP = "clip_x0=true"  # DDIMPipeline's DDIMScheduler clips x0_hat to [-1, 1] by default (clip_sample=True)
+ROWS = [  # (label, sampler, sampler overrides, precision)
+    ("difflab DDIM-50 fp32", "ddim", ["num_steps=50"], "fp32"),
+    ("difflab DDIM-50 fp32, x0 clipped (DDIMPipeline's setting)", "ddim", ["num_steps=50", CLIP], "fp32"),
+    ("difflab DDIM-50 bf16, x0 clipped", "ddim", ["num_steps=50", CLIP], "bf16"),
+    ("difflab DPM-Solver++ 2M 20 steps bf16, x0 clipped", "dpmpp_2m", ["num_steps=20", CLIP], "bf16"),
     ("difflab UniPC 10 steps bf16", "unipc", ["num_steps=10"], "bf16"),
+    ("difflab UniPC 10 steps bf16, x0 clipped", "unipc", ["num_steps=10", CLIP], "bf16"),
 ]
 
 
@@ -60,7 +64,7 @@ def main() -> None:
     features = independent_features(module.image_shape[1])
     (reference, _), _ = halves(module.image_shape[1])
     rows = {"diffusers DDIMPipeline 50 steps fp32": lambda: diffusers_ddim(module, args.num_samples, args.batch)}
-    for label, name, overrides, precision in [("difflab DDIM-50 fp32", "ddim", ["num_steps=50"], "fp32"), *FAST]:
+    for label, name, overrides, precision in ROWS:
         sampler = sampler_config(name, *overrides)
         rows[label] = lambda s=sampler, p=precision: module.generate(s, args.num_samples, 0, args.batch, precision=p)
     seconds: dict[str, float] = {}
