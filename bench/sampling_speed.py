@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import frechet_distance, real_digits, sampler_config  # noqa: E402
 from bench.quality_per_compute import halves, independent_features  # noqa: E402
 from difflab.build import load_checkpoint  # noqa: E402
+from difflab.samplers.zoo import PREDICTION_TYPES  # noqa: E402
 
 CLIP = "clip_x0=true"  # DDIMPipeline's DDIMScheduler clips x0_hat to [-1, 1] by default (clip_sample=True)
 ROWS = [  # (label, sampler, sampler overrides, precision)
@@ -38,9 +39,11 @@ ROWS = [  # (label, sampler, sampler overrides, precision)
 
 
 def diffusers_ddim(module, num_samples: int, batch: int) -> torch.Tensor:
-    """DDIMPipeline over the EMA UNet with the model's betas (eta 0, 50 steps, its defaults otherwise): (N, C, H, W)."""
+    """DDIMPipeline over the EMA UNet with the model's betas and objective (eta 0, 50 steps, its defaults otherwise):
+    (N, C, H, W)."""
     scheduler = DDIMScheduler(num_train_timesteps=module.schedule.num_timesteps,
-                              trained_betas=module.schedule.betas.double().cpu().numpy())
+                              trained_betas=module.schedule.betas.double().cpu().numpy(),
+                              prediction_type=PREDICTION_TYPES[module.objective])
     pipe = DDIMPipeline(unet=module.ema.module.unet, scheduler=scheduler)
     pipe.set_progress_bar_config(disable=True)
     out = []
