@@ -83,7 +83,7 @@ def test_data_space_loss_and_prediction_are_the_white_ones_for_iid_noise():
 @pytest.mark.parametrize("prediction_space", ["white", "data"])
 def test_data_space_loss_is_the_coloured_error(prediction_space):
     """loss.space=data: ||A (z - z_hat)||^2 n / tr C per sample, z_hat read in either prediction space."""
-    module = _module("noise=covariance", "loss.space=data", f"prediction_space={prediction_space}")
+    module = _module("noise=covariance", "objective=eps", "loss.space=data", f"prediction_space={prediction_space}")
     module.noise.fit(DIGITS.split(64))
     x0 = DIGITS[:8].float()
     losses, t, _ = module.losses(x0, module.net, generator=torch.Generator().manual_seed(5))
@@ -101,7 +101,7 @@ def test_data_space_loss_is_the_coloured_error(prediction_space):
     assert torch.equal(t, t_hand)
     torch.testing.assert_close(losses.detach().double(), err.square().mean(1), rtol=1e-4, atol=1e-6)
     # the white loss of the same draws weighs every direction alike: another number
-    white = _module("noise=covariance", f"prediction_space={prediction_space}")
+    white = _module("noise=covariance", "objective=eps", f"prediction_space={prediction_space}")
     white.load_state_dict(module.state_dict())
     other = white.losses(x0, white.net, generator=torch.Generator().manual_seed(5))[0].detach()
     assert (other.double() - err.square().mean(1)).abs().max() > 1e-3
@@ -109,7 +109,7 @@ def test_data_space_loss_is_the_coloured_error(prediction_space):
 
 def test_data_prediction_space_reads_the_output_through_a_inverse():
     """prediction_space=data: the sampler's white z_hat is A^-1 of the UNet's output, so A z_hat is that output."""
-    module = _module("noise=covariance", "prediction_space=data")
+    module = _module("noise=covariance", "objective=eps", "prediction_space=data")
     module.noise.fit(DIGITS.split(64))
     y_t, t = torch.randn(4, 1, 8, 8), torch.tensor([10, 200, 500, 900])
     abar = module.schedule.alphas_cumprod[t].float()
