@@ -229,8 +229,11 @@ def test_knobs_shape_the_spectrum():
     assert float(root[0] / root[2]) == pytest.approx(2.0)  # power 1/2: sqrt(8 / 2)
     half, mean = shape_spectrum(lam, 1e-3, 0.5, 1.0, "data"), float(data.mean())  # data: floored, same trace
     assert float(half[0] / half[3]) == pytest.approx((float(data[0]) + mean) / (float(data[3]) + mean))
+    unit_max = shape_spectrum(lam, 1e-3, 0.0, 1.0, "unit_max")  # the largest eigenvalue 1, the ratios kept
+    assert float(unit_max.max()) == 1.0 and torch.allclose(unit_max[:5], lam[:5] / 8)
     # the knobs reach a fitted model: scale=unit_trace gives the noise iid's energy, tr C = n
     assert float(fitted("spectral", scale="unit_trace").covariance().trace()) == pytest.approx(64)
+    assert float(torch.linalg.eigvalsh(fitted("covariance", scale="unit_max").covariance()).max()) == pytest.approx(1)
 
 
 def test_spectral_whitens_better_than_lowrank():
@@ -307,7 +310,7 @@ def test_noise_file_errors(tmp_path):
         ("spectral", {"floor": 1.5}, r"noise.floor must lie in \(0, 1\], got 1.5"),
         ("lowrank", {"shrinkage": -0.1}, r"noise.shrinkage must lie in \[0, 1\], got -0.1"),
         ("covariance", {"power": 2.0}, r"noise.power must lie in \[0, 1\], got 2.0"),
-        ("spectral", {"scale": "trace"}, "noise.scale must be one of data, unit_trace, got 'trace'"),
+        ("spectral", {"scale": "trace"}, "noise.scale must be one of data, unit_trace, unit_max, got 'trace'"),
         ("lowrank", {"rank": 0}, r"noise.rank must be an integer in \[1, 63\]"),
         ("lowrank", {"rank": 64}, r"noise.rank must be an integer in \[1, 63\]"),
         ("offset", {"strength": -1.0}, "noise.strength .* must be a finite number >= 0, got -1.0"),

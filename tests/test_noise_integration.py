@@ -70,6 +70,65 @@ def test_dense_noise_with_identity_covariance_matches_iid():
         assert (iid.generate(sampler, 4, seed=4) - dense.generate(sampler, 4, seed=4)).abs().max() <= 1e-6
 
 
+def test_data_space_loss_and_prediction_are_the_white_ones_for_iid_noise():
+    """loss.space=data and prediction_space=data change nothing for iid noise (A = I): bit-identical losses."""
+    plain, data = _module("noise=iid"), _module("noise=iid", "loss.space=data", "prediction_space=data")
+    data.load_state_dict(plain.state_dict())
+    x0 = torch.rand(8, 1, 8, 8) * 2 - 1
+    a = plain.losses(x0, plain.net, generator=torch.Generator().manual_seed(3))[0]
+    b = data.losses(x0, data.net, generator=torch.Generator().manual_seed(3))[0]
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("prediction_space", ["white", "data"])
+def test_data_space_loss_is_the_coloured_error(prediction_space):
+    """loss.space=data: ||A (z - z_hat)||^2 n / tr C per sample, z_hat read in either prediction space."""
+    module = _module("noise=covariance", "objective=eps", "loss.space=data", f"prediction_space={prediction_space}")
+    module.noise.fit(DIGITS.split(64))
+    x0 = DIGITS[:8].float()
+    losses, t, _ = module.losses(x0, module.net, generator=torch.Generator().manual_seed(5))
+    g = torch.Generator().manual_seed(5)  # the same draws by hand, in float64
+    t_hand = torch.randint(0, 1000, (8,), generator=g)
+    z = torch.randn(x0.shape, generator=g).double()
+    y0 = module.noise.from_data(x0).double()
+    abar = module.schedule.alphas_cumprod[t_hand].double().view(-1, 1, 1, 1)
+    y_t = abar.sqrt() * y0 + (1 - abar).sqrt() * z
+    with torch.no_grad():
+        out = module.net(module.noise.color(y_t.float()), t_hand).double()
+    a = dense_root(module.noise)
+    z_hat = out if prediction_space == "white" else torch.linalg.solve(a, out.flatten(1).T).T.view(out.shape)
+    err = ((z - z_hat).flatten(1) @ a.T) * math.sqrt(64 / module.noise.trace().item())
+    assert torch.equal(t, t_hand)
+    torch.testing.assert_close(losses.detach().double(), err.square().mean(1), rtol=1e-4, atol=1e-6)
+    # the white loss of the same draws weighs every direction alike: another number
+    white = _module("noise=covariance", "objective=eps", f"prediction_space={prediction_space}")
+    white.load_state_dict(module.state_dict())
+    other = white.losses(x0, white.net, generator=torch.Generator().manual_seed(5))[0].detach()
+    assert (other.double() - err.square().mean(1)).abs().max() > 1e-3
+
+
+def test_data_prediction_space_reads_the_output_through_a_inverse():
+    """prediction_space=data: the sampler's white z_hat is A^-1 of the UNet's output, so A z_hat is that output."""
+    module = _module("noise=covariance", "objective=eps", "prediction_space=data")
+    module.noise.fit(DIGITS.split(64))
+    y_t, t = torch.randn(4, 1, 8, 8), torch.tensor([10, 200, 500, 900])
+    abar = module.schedule.alphas_cumprod[t].float()
+    pred = module.denoiser(module.net)(y_t, t, abar, None)
+    with torch.no_grad():
+        raw = module.net(module.noise.color(y_t), t)
+    torch.testing.assert_close(module.noise.color(pred.eps), raw, rtol=1e-4, atol=1e-5)
+    assert (pred.eps - raw).abs().max() > 1e-2  # not the identity: A is far from I on the digits
+
+
+def test_noise_trace_is_the_covariance_trace():
+    """trace() (from the parameters) equals tr covariance() for every option."""
+    for option in ("iid", "offset", "covariance", "lowrank", "spectral"):
+        noise = _module(f"noise={option}").noise
+        if noise.requires_fit:
+            noise.fit(DIGITS.split(64))
+        torch.testing.assert_close(noise.trace(), noise.covariance().trace(), rtol=1e-10, atol=1e-10)
+
+
 class FixedNoise:
     """A noise source handing out given tensors: the sampler's x_T, then each step's z."""
 

@@ -71,16 +71,17 @@ class PredictionDenoiser:
     """pred = f(x_t, t, abar_t, y): the network's output read as a :class:`Prediction` of ``objective``.
 
     ``color`` maps the sampler's (white) state to the network's input (shaped noise: x = A y; None:
-    the identity). ``autocast``: the network's dtype under autocast (sampling in bf16). With a learned variance the output's second half is v in [-1, 1] and
+    the identity); ``whiten`` maps the network's output to the sampler's coordinates (``prediction_space=data``:
+    the UNet predicts A z, read as z = A^-1 (A z); None: its output is white already). ``autocast``: the network's dtype under autocast (sampling in bf16). With a learned variance the output's second half is v in [-1, 1] and
     nu = (v + 1) / 2 (improved-diffusion). With self-conditioning (Chen et al. 2022) the network also
     sees the previous call's x0_hat (zeros at the first call): one instance serves one sampling run.
     """
 
     def __init__(
         self, net: UNetDenoiser, objective: Objective, color: Callable[[Tensor], Tensor] | None = None,
-        autocast: torch.dtype | None = None,
+        autocast: torch.dtype | None = None, whiten: Callable[[Tensor], Tensor] | None = None,
     ) -> None:
-        self.net, self.objective, self.color, self.autocast = net, objective, color, autocast
+        self.net, self.objective, self.color, self.autocast, self.whiten = net, objective, color, autocast, whiten
         self.previous_x0: Tensor | None = None
 
     def network(self, x: Tensor, t: Tensor, y: Tensor | None) -> Tensor:
@@ -105,6 +106,8 @@ class PredictionDenoiser:
         if self.net.learn_variance:
             output, v = output.chunk(2, dim=1)
             frac = (v + 1) / 2
+        if self.whiten is not None:
+            output = self.whiten(output)
         return Prediction(output, self.objective, x_t, abar_t.reshape(-1, *([1] * (x_t.ndim - 1))), frac)
 
     def __call__(self, x_t: Tensor, t: Tensor, abar_t: Tensor, y: Tensor | None) -> Prediction:

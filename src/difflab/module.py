@@ -24,7 +24,15 @@ from difflab.guidance import ClassifierFreeGuidance, ClassifierGuidance, Conditi
 from difflab.latent import LatentSpace
 from difflab.losses import simple_loss, vlb_term
 from difflab.noise import IIDNoise, ShapedNoise
-from difflab.objectives import DiffusionLoss, Objective, Prediction, check_objective, objective_target
+from difflab.objectives import (
+    DiffusionLoss,
+    Objective,
+    Prediction,
+    Space,
+    check_objective,
+    check_space,
+    objective_target,
+)
 from difflab.samplers import DDPM, Denoiser, Sampler
 from difflab.schedule import NoiseSchedule, q_sample_abar, step_variances
 from difflab.seeding import PerSampleNoise, derived_generator
@@ -61,7 +69,8 @@ class DiffusionModule(L.LightningModule):
 
     ``noise`` shapes the diffusion noise, eps = A z (:mod:`difflab.noise`): the process runs on whitened
     y = A^-1 (x0 - mu), where it is standard DDPM; the network sees A y_t and predicts the white z (or y0,
-    v in y); samples map back by x = A y + mu. With iid noise (the default) every map is the identity and
+    v in y), or with ``prediction_space="data"`` their coloured A z (A y0, A v), which A^-1 maps back; samples
+    map back by x = A y + mu. With iid noise (the default) every map is the identity and
     runs are bit-identical to plain DDPM. Fitted statistics are fitted once on rank 0 at the start of a
     fresh fit, broadcast, and kept as buffers in every checkpoint (and ``<run dir>/noise.safetensors``).
 
@@ -81,6 +90,7 @@ class DiffusionModule(L.LightningModule):
         net: UNetDenoiser,
         schedule: NoiseSchedule,
         objective: Objective = "eps",
+        prediction_space: Space = "white",
         loss: DiffusionLoss | None = None,
         conditioning: Conditioning | None = None,
         optimizer: Callable[[Iterable[nn.Parameter]], Optimizer] | None = None,
@@ -96,6 +106,7 @@ class DiffusionModule(L.LightningModule):
     ) -> None:
         super().__init__()
         self.objective = check_objective(objective)
+        self.prediction_space = check_space("prediction_space", prediction_space)
         if schedule.zero_terminal_snr and objective == "eps":
             raise ValueError(
                 "schedule.zero_terminal_snr=true needs objective=v (or x0): at abar_{T-1} = 0 the input is pure noise, "
@@ -208,8 +219,11 @@ class DiffusionModule(L.LightningModule):
         """
         if precision not in PRECISIONS:
             raise ConfigError(f"precision={precision} is not one of {', '.join(PRECISIONS)}")
-        color = None if self.noise.isotropic else self.noise.color
-        return PredictionDenoiser(net, self.objective, color, PRECISIONS[precision])
+        color = whiten = None
+        if not self.noise.isotropic:
+            color = self.noise.color
+            whiten = self.noise.whiten if self.prediction_space == "data" else None
+        return PredictionDenoiser(net, self.objective, color, PRECISIONS[precision], whiten)
 
     def step_generator(self) -> torch.Generator:
         """The generator of this training step's random draws, seeded by (seed, global step, rank, micro-batch)."""
@@ -237,8 +251,11 @@ class DiffusionModule(L.LightningModule):
         if self.channels_last:
             model_input = model_input.contiguous(memory_format=torch.channels_last)
         pred = denoiser.read(net(model_input, t, y), x_t, abar_t)
-        target = objective_target(self.objective, x0, noise, abar_t)
-        losses = simple_loss(pred.output, target, self.loss.weight(abar_t, self.objective))
+        output, target = pred.output, objective_target(self.objective, x0, noise, abar_t)
+        if self.loss.space == "data" and not self.noise.isotropic:  # ||A e||^2 n / tr C
+            scale = (self.noise.dim / self.noise.trace()).sqrt().to(x0.dtype)
+            output, target = scale * self.noise.color(output), scale * self.noise.color(target)
+        losses = simple_loss(output, target, self.loss.weight(abar_t, self.objective))
         if net.learn_variance:
             losses = losses + self.loss.vlb_weight * self.schedule.num_timesteps * self.vlb(x0, pred.with_output(pred.output.detach()), t)
         return losses, t, importance

@@ -35,6 +35,17 @@ Objective = Literal["eps", "x0", "v"]
 OBJECTIVES: tuple[str, ...] = get_args(Objective)
 Weighting = Literal["uniform", "eps", "x0", "v", "min_snr"]
 WEIGHTINGS: tuple[str, ...] = get_args(Weighting)
+Space = Literal["white", "data"]
+SPACES: tuple[str, ...] = get_args(Space)
+"""Coordinates of shaped noise (eps = A z): ``white`` y = A^-1 (x - mu), where the process is standard DDPM, or
+``data`` x - mu, the image's own; the same for iid noise."""
+
+
+def check_space(key: str, space: str) -> Space:
+    """``space`` if it is one of white, data; else a ValueError naming ``key`` and the allowed values."""
+    if space not in SPACES:
+        raise ValueError(f"{key} must be one of {', '.join(SPACES)}, got {space!r}")
+    return space  # type: ignore[return-value]
 
 
 def check_objective(objective: str) -> Objective:
@@ -81,7 +92,10 @@ class DiffusionLoss:
     plus ``vlb_weight`` T L_t when the network ``learn_variance`` (L_hybrid, Nichol & Dhariwal 2021).
 
     ``weighting`` and ``min_snr_gamma`` choose w(t) (:func:`loss_weight`); ``timestep_sampling`` is uniform or
-    loss_aware (:mod:`difflab.timestep_sampling`). A new knob is a field here and a key in ``conf/loss/``.
+    loss_aware (:mod:`difflab.timestep_sampling`). ``space`` (shaped noise only) is where the error is measured:
+    ``white``, ||e||^2 in the whitened coordinates the process runs in (every direction alike), or ``data``,
+    ||A e||^2 n / tr C, the error as the image sees it (each direction weighted by its noise variance; the same
+    scale as ``white`` for iid noise, where the two are one). A new knob is a field here and a key in ``conf/loss/``.
     """
 
     def __init__(
@@ -91,9 +105,11 @@ class DiffusionLoss:
         learn_variance: bool = False,
         vlb_weight: float = 0.001,
         timestep_sampling: str = "uniform",
+        space: Space = "white",
     ) -> None:
         self.weighting, self.min_snr_gamma, self.learn_variance = weighting, float(min_snr_gamma), bool(learn_variance)
         self.vlb_weight, self.timestep_sampling = float(vlb_weight), timestep_sampling
+        self.space = check_space("loss.space", space)
         if self.weighting not in WEIGHTINGS:
             raise ValueError(f"unknown loss.weighting {self.weighting!r}; allowed: {', '.join(WEIGHTINGS)}")
         if self.weighting == "min_snr" and not self.min_snr_gamma > 0:

@@ -35,7 +35,7 @@ def root_cause(err: BaseException) -> BaseException:
 
 
 LOSS = {"_target_": "difflab.objectives.DiffusionLoss", "weighting": "uniform", "min_snr_gamma": 5.0,
-        "learn_variance": False, "vlb_weight": 0.001, "timestep_sampling": "uniform"}
+        "learn_variance": False, "vlb_weight": 0.001, "timestep_sampling": "uniform", "space": "white"}
 """``loss`` of runs from before the loss group existed (conf/loss/simple.yaml)."""
 OPTIMIZER_KEYS = {"lr": "lr", "weight_decay": "weight_decay", "adam_betas": "betas"}
 """``model.KEY`` of runs from before the optimizer group -> ``optimizer.KEY``."""
@@ -54,8 +54,9 @@ def upgrade_run_config(run_config: DictConfig) -> DictConfig:
     ``lr_scheduler`` built by ``_target_`` (a copy; configs already in that form come back equal).
 
     Checkpoints of earlier releases held ``loss`` as plain keys (or none), ``conditioning.enabled`` and AdamW's
-    settings and the warm-up inside ``model``, and lacked the caption keys of ``dataset`` (:data:`DATASET_KEYS`);
-    they load, resume and compare as if written today.
+    settings and the warm-up inside ``model``, and lacked the caption keys of ``dataset`` (:data:`DATASET_KEYS`),
+    ``loss.space`` and ``prediction_space`` (white: what they trained with); they load, resume and compare as if
+    written today.
     """
     cfg = OmegaConf.to_container(run_config)
     if "model" not in cfg:
@@ -63,6 +64,7 @@ def upgrade_run_config(run_config: DictConfig) -> DictConfig:
     dataset = cfg.get("dataset") or {}
     cfg["dataset"] = {**DATASET_KEYS.get(dataset.get("_target_"), {}), **dataset}
     cfg["loss"] = {**LOSS, **(cfg.get("loss") or {})}
+    cfg.setdefault("prediction_space", "white")
     cond = cfg.get("conditioning")
     if cond is None or "enabled" in cond:
         enabled = bool(cond and cond.pop("enabled"))

@@ -106,6 +106,9 @@ class CovarianceNoise(FittedNoise):
     def covariance(self) -> Tensor:
         return (self.eigenvectors * self.eigenvalues) @ self.eigenvectors.T
 
+    def trace(self) -> Tensor:
+        return self.eigenvalues.sum()
+
     def log_abs_det(self) -> Tensor:
         return 0.5 * self.eigenvalues.log().sum()
 
@@ -182,6 +185,9 @@ class LowRankNoise(FittedNoise):
         eye = torch.eye(self.dim, dtype=torch.float64, device=v.device)
         return self.complement * eye + (v * (self.eigenvalues - self.complement)) @ v.T
 
+    def trace(self) -> Tensor:
+        return self.eigenvalues.sum() + (self.dim - self.rank) * self.complement
+
     def log_abs_det(self) -> Tensor:
         return 0.5 * (self.eigenvalues.log().sum() + (self.dim - self.rank) * self.complement.log())
 
@@ -250,6 +256,9 @@ class SpectralNoise(FittedNoise):
     def covariance(self) -> Tensor:
         t = self.transform()
         return (t.T * self.variances.flatten()) @ t
+
+    def trace(self) -> Tensor:
+        return self.variances.sum()  # T is orthogonal
 
     def log_abs_det(self) -> Tensor:
         return 0.5 * self.variances.log().sum()

@@ -14,6 +14,7 @@ standard DDPM: samplers run unchanged on y with the denoiser y -> z_theta(A y, t
 | ``to_data(y0)``   | A y0 + mu                                   |
 | ``from_data(x0)`` | A^{-1} (x0 - mu)                            |
 | ``covariance()``  | C = A A^T, dense (n, n), float64            |
+| ``trace()``       | tr C, without forming C                     |
 | ``log_abs_det()`` | log abs det A                               |
 
 Every fitted A is the symmetric square root V Lambda^{1/2} V^T of an eigendecomposition C = V Lambda V^T
@@ -139,6 +140,10 @@ class ShapedNoise(nn.Module):
         """The model's C (n, n), float64, built from its parameters (not by calling :meth:`color`)."""
         raise NotImplementedError
 
+    def trace(self) -> Tensor:
+        """tr C = E ||A z||^2 (float64 scalar), from the parameters without forming C."""
+        raise NotImplementedError
+
     def log_abs_det(self) -> Tensor:
         """log abs det A (float64 scalar): the change of volume between x and y, for likelihoods in x-space."""
         raise NotImplementedError
@@ -244,6 +249,9 @@ class IIDNoise(ShapedNoise):
     def covariance(self) -> Tensor:
         return torch.eye(self.dim, dtype=torch.float64, device=self.mean.device)
 
+    def trace(self) -> Tensor:
+        return torch.tensor(float(self.dim), dtype=torch.float64, device=self.mean.device)
+
     def log_abs_det(self) -> Tensor:
         return torch.zeros((), dtype=torch.float64, device=self.mean.device)
 
@@ -276,6 +284,9 @@ class OffsetNoise(ShapedNoise):
         c, h, w = self.shape
         block = torch.eye(h * w, dtype=torch.float64) + self.strength**2
         return torch.block_diag(*[block] * c).to(self.mean.device)
+
+    def trace(self) -> Tensor:
+        return torch.tensor(self.dim * (1 + self.strength**2), dtype=torch.float64, device=self.mean.device)
 
     def log_abs_det(self) -> Tensor:
         return torch.tensor(self.shape[0] * math.log(self.gain), dtype=torch.float64, device=self.mean.device)

@@ -14,8 +14,8 @@ from torch import Tensor
 
 from difflab.errors import ConfigError
 
-Scale = Literal["data", "unit_trace"]
-SCALES = ("data", "unit_trace")
+Scale = Literal["data", "unit_trace", "unit_max"]
+SCALES = ("data", "unit_trace", "unit_max")
 
 
 
@@ -45,7 +45,9 @@ def shape_spectrum(
 
     Negatives are clipped to 0; f = ``floor`` relative to the mean data eigenvalue m = tr(Sigma) / n;
     ``shrinkage`` s pulls toward the mean m' of the floored spectrum (toward iid); ``power`` p = 0 gives
-    iid, 1 the data's shape; k sets the trace: tr(Sigma) for ``scale="data"``, n for ``"unit_trace"``.
+    iid, 1 the data's shape; k sets the trace: tr(Sigma) for ``scale="data"``, n for ``"unit_trace"``, or the
+    largest eigenvalue to 1 for ``"unit_max"`` (iid's noise variance: the data's strongest direction is noised at
+    iid's rate, every weaker one at the same SNR).
     ``multiplicity`` (same shape) counts how often each eigenvalue repeats (low-rank's complement).
     """
     lam = eigenvalues.double().clamp(min=0)
@@ -56,6 +58,8 @@ def shape_spectrum(
     lam = lam.clamp(min=floor * float(data_trace / n))
     lam = (1 - shrinkage) * lam + shrinkage * (weight * lam).sum() / n
     lam = lam**power
+    if scale == "unit_max":
+        return lam / lam.max()
     target = data_trace if scale == "data" else n
     return lam * (target / (weight * lam).sum())
 

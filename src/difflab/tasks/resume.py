@@ -19,8 +19,8 @@ from difflab.tasks.common import show
 log = logging.getLogger(__name__)
 
 
-EXPERIMENT = ("model", "schedule", "objective", "loss", "optimizer", "lr_scheduler", "noise", "latent", "dataset",
-              "conditioning", "classifier", "autoencoder", "seed")
+EXPERIMENT = ("model", "schedule", "objective", "prediction_space", "loss", "optimizer", "lr_scheduler", "noise", "latent",
+              "dataset", "conditioning", "classifier", "autoencoder", "seed")
 """The settings that make a run the experiment it is: a resumed (or skipped, finished) run must keep them."""
 
 SPEED_KNOBS = ("model.compile", "model.channels_last")
@@ -106,9 +106,9 @@ def restore_missing_best(cfg: DictConfig, last: Path, last_step: int) -> Path | 
     return target
 
 
-STATE_SHAPING = ("model.net", "schedule", "objective", "loss.learn_variance", "noise", "latent", "dataset.resolution",
-                 "dataset.channels", "conditioning._target_", "conditioning.num_classes", "classifier.net",
-                 "autoencoder.vae", "text_encoder")
+STATE_SHAPING = ("model.net", "schedule", "objective", "prediction_space", "loss.learn_variance", "noise", "latent",
+                 "dataset.resolution", "dataset.channels", "conditioning._target_", "conditioning.num_classes",
+                 "classifier.net", "autoencoder.vae", "text_encoder")
 """The settings a checkpoint's weights only work under: the network's shape and the process it learned."""
 
 
