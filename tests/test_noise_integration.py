@@ -84,7 +84,7 @@ class FixedNoise:
 def test_shaped_ddim_step_equals_a_times_diffusers_on_the_whitened_sample(eta):
     """x' = A DDIMScheduler.step(z_theta(x_t), t, A^-1 x_t, variance_noise=xi): difflab's whitened run, step by step."""
     noise = fitted("covariance")
-    module = _module("noise=covariance")
+    module = _module("noise=covariance", "objective=eps")
     module.noise.load_state_dict(noise.state_dict())
     module.double()
     abar = module.schedule.alphas_cumprod
