@@ -33,12 +33,12 @@ def test_export_loads_into_diffusers_and_matches_the_ema_network(trained_run, tm
         assert not torch.equal(module.net.unet.eval()(x, t).sample, expected)  # (not the raw weights)
 
     scheduler = DDPMScheduler.from_pretrained(out / "scheduler")
-    assert scheduler.config.prediction_type == "epsilon" and scheduler.config.variance_type == "fixed_small"
+    assert scheduler.config.prediction_type == "v_prediction" and scheduler.config.variance_type == "fixed_small"
     assert scheduler.config.clip_sample is False
     torch.testing.assert_close(scheduler.alphas_cumprod, module.schedule.alphas_cumprod.float(), rtol=1e-6, atol=0)
 
     manifest = json.loads((out / "difflab.json").read_text())
-    assert manifest["objective"] == "eps" and manifest["global_step"] == 6 and manifest["weights"] == "EMA"
+    assert manifest["objective"] == "v" and manifest["global_step"] == 6 and manifest["weights"] == "EMA"
     assert manifest["num_classes"] is None and manifest["sample_shape"] == [1, 8, 8] and manifest["ddpm_pipeline"]
 
     pipeline = DDPMPipeline.from_pretrained(out)

@@ -65,8 +65,12 @@ class ZeroNet(nn.Module):
         return torch.zeros_like(x)
 
 
-def test_loss_is_l_simple_of_the_noise(tiny_module):
+def test_loss_is_l_simple_of_the_noise():
+    from difflab.build import build_module
+
+    eps_module = build_module(compose("train", ["model=tiny", "dataset.resolution=8", "objective=eps",
+                                                "output_dir=/unused"]))
     x0 = torch.zeros(4, 1, 8, 8)
     # predicting eps = 0 costs E||eps||^2 = 1 per element
-    losses = [tiny_module.losses(x0, ZeroNet(), generator=torch.Generator().manual_seed(i))[0].mean().item() for i in range(50)]
+    losses = [eps_module.losses(x0, ZeroNet(), generator=torch.Generator().manual_seed(i))[0].mean().item() for i in range(50)]
     assert sum(losses) / len(losses) == pytest.approx(1.0, abs=0.03)

@@ -39,7 +39,7 @@ def _module(*overrides: str):
 
 def test_iid_noise_is_bit_identical_to_plain_ddpm():
     """q_sample, the loss and DDPM / DDIM samples with noise=iid equal the plain formulas bit for bit."""
-    module = _module("noise=iid")
+    module = _module("noise=iid", "objective=eps")
     gen = torch.Generator().manual_seed(0)
     x0 = torch.rand(8, 1, 8, 8, generator=gen) * 2 - 1
     losses, t, _ = module.losses(x0, module.net, generator=torch.Generator().manual_seed(1))
@@ -143,7 +143,7 @@ class FixedNoise:
 def test_shaped_ddim_step_equals_a_times_diffusers_on_the_whitened_sample(eta):
     """x' = A DDIMScheduler.step(z_theta(x_t), t, A^-1 x_t, variance_noise=xi): difflab's whitened run, step by step."""
     noise = fitted("covariance")
-    module = _module("noise=covariance")
+    module = _module("noise=covariance", "objective=eps")
     module.noise.load_state_dict(noise.state_dict())
     module.double()
     abar = module.schedule.alphas_cumprod

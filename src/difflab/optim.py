@@ -50,7 +50,8 @@ def cosine(optimizer: Optimizer, total_steps: int, warmup_steps: int = 0, min_lr
     if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps <= warmup_steps:
         raise ValueError(
             f"lr_scheduler=cosine decays until trainer.max_steps, which must be an integer above "
-            f"lr_scheduler.warmup_steps={warmup_steps}: got total_steps={total_steps!r} (set trainer.max_steps)"
+            f"lr_scheduler.warmup_steps={warmup_steps}: got total_steps={total_steps!r} (set trainer.max_steps, or "
+            f"lr_scheduler=constant for a run bounded by epochs)"
         )
     if not 0.0 <= min_lr_ratio <= 1.0:
         raise ValueError(f"lr_scheduler.min_lr_ratio must lie in [0, 1], got {min_lr_ratio}")
