@@ -88,7 +88,8 @@ def test_zero_terminal_snr_follows_lin_et_al_algorithm_1():
 def test_zero_terminal_snr_is_refused_with_eps():
     from difflab.build import build_module
 
-    cfg = compose("train", ["model=tiny", "dataset.resolution=8", "schedule.zero_terminal_snr=true", "output_dir=/unused"])
+    cfg = compose("train", ["model=tiny", "dataset.resolution=8", "schedule.zero_terminal_snr=true", "objective=eps",
+                            "output_dir=/unused"])
     with pytest.raises(ValueError, match="zero_terminal_snr=true needs objective=v"):
         build_module(cfg)
     cfg = compose("train", ["model=tiny", "dataset.resolution=8", "schedule.zero_terminal_snr=true", "objective=v", "output_dir=/unused"])
@@ -159,8 +160,8 @@ def test_learned_variance_sampling_reproduces_the_fixed_variances():
 def test_hybrid_loss_backpropagates_the_vlb_only_into_the_variance_channel():
     from difflab.build import build_module
 
-    cfg = compose("train", ["model=tiny", "dataset.resolution=8", "loss=hybrid", "output_dir=/unused"])
-    module = build_module(cfg)
+    cfg = compose("train", ["model=tiny", "dataset.resolution=8", "loss=hybrid", "objective=eps", "output_dir=/unused"])
+    module = build_module(cfg)  # L_hybrid as Nichol & Dhariwal define it, on eps
     assert module.net.unet.config.out_channels == 2 and module.net.learn_variance
     gen = torch.Generator().manual_seed(0)
     x0 = torch.rand(6, 1, 8, 8, generator=gen) * 2 - 1
