@@ -15,13 +15,13 @@ import numpy as np
 import pytest
 import torch
 from lightning.fabric.plugins.environments import LightningEnvironment, SLURMEnvironment
+from omegaconf import OmegaConf
 from PIL import Image
 
-from difflab.build import load_checkpoint
+from difflab.build import instantiate_node, load_checkpoint
 from difflab.distributed import device_batch_size, launch_settings, tensor_digest
 from difflab.errors import ConfigError
 from difflab.images import save_grid, to_uint8
-from difflab.samplers import DDPM
 from tests.conftest import ROOT, TINY_TRAIN, compose, run_script
 
 DDP = [*TINY_TRAIN, "trainer=ddp_cpu"]
@@ -46,7 +46,8 @@ def test_ddp_fit_from_train_py(tmp_path):
     assert module.ema.num_updates == 6
     # the grid the two ranks drew in halves is the grid one process draws from the same EMA weights
     assert sorted(p.name for p in (run_dir / "samples").iterdir()) == ["step_000003.png", "step_000006.png"]
-    images = to_uint8(module.generate(DDPM(num_steps=5), 4, seed=0))
+    grid_sampler = instantiate_node(OmegaConf.create(module.hparams["run_config"]["sampler"]), "sampler")
+    images = to_uint8(module.generate(grid_sampler, 4, seed=0))  # the run's grid sampler (dpmpp_2m, 5 steps)
     expected = np.asarray(Image.open(save_grid(images, tmp_path / "one_process.png", scale=4)))
     np.testing.assert_array_equal(np.asarray(Image.open(run_dir / "samples" / "step_000006.png")), expected)
 
