@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 import torch
 from lightning.fabric.plugins.environments import LightningEnvironment, SLURMEnvironment
-from omegaconf import OmegaConf
 from PIL import Image
 
 from difflab.build import instantiate_node, load_checkpoint
@@ -46,7 +45,7 @@ def test_ddp_fit_from_train_py(tmp_path):
     assert module.ema.num_updates == 6
     # the grid the two ranks drew in halves is the grid one process draws from the same EMA weights
     assert sorted(p.name for p in (run_dir / "samples").iterdir()) == ["step_000003.png", "step_000006.png"]
-    grid_sampler = instantiate_node(OmegaConf.create(module.hparams["run_config"]["sampler"]), "sampler")
+    grid_sampler = instantiate_node(compose("train", [*DDP, "output_dir=/unused"]).sampler, "sampler")
     images = to_uint8(module.generate(grid_sampler, 4, seed=0))  # the run's grid sampler (dpmpp_2m, 5 steps)
     expected = np.asarray(Image.open(save_grid(images, tmp_path / "one_process.png", scale=4)))
     np.testing.assert_array_equal(np.asarray(Image.open(run_dir / "samples" / "step_000006.png")), expected)
