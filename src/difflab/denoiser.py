@@ -72,8 +72,9 @@ class PredictionDenoiser:
 
     ``color`` maps the sampler's (white) state to the network's input (shaped noise: x = A y; None:
     the identity); ``whiten`` maps the network's output to the sampler's coordinates (``prediction_space=data``:
-    the UNet predicts A z, read as z = A^-1 (A z); None: its output is white already). ``autocast``: the network's dtype under autocast (sampling in bf16). With a learned variance the output's second half is v in [-1, 1] and
-    nu = (v + 1) / 2 (improved-diffusion). With self-conditioning (Chen et al. 2022) the network also
+    the UNet predicts A z, read as z = A^-1 (A z); None: its output is white already). ``autocast``: the
+    network's dtype under autocast (sampling in bf16). With a learned variance the output's second half is v in
+    [-1, 1] and nu = (v + 1) / 2 (improved-diffusion). With self-conditioning (Chen et al. 2022) the network also
     sees the previous call's x0_hat (zeros at the first call): one instance serves one sampling run.
     """
 

@@ -128,7 +128,8 @@ def build_module(cfg: DictConfig) -> DiffusionModule:
         net["text_encoder"] = conditioning.text_encoder.build()
     module = instantiate_node(
         cfg.model, "model", schedule=instantiate_node(cfg.schedule, "schedule"), objective=cfg.get("objective", "eps"),
-        prediction_space=cfg.get("prediction_space", "white"), loss=loss, conditioning=conditioning, seed=int(cfg.get("seed", 0)),
+        prediction_space=cfg.get("prediction_space", "white"), loss=loss, conditioning=conditioning,
+        seed=int(cfg.get("seed", 0)),
         optimizer=instantiate_node(cfg.optimizer, "optimizer"),
         lr_scheduler=instantiate_node(cfg.lr_scheduler, "lr_scheduler") if cfg.get("lr_scheduler") else None,
         net=net,
