@@ -105,8 +105,8 @@ def test_dry_run_lists_every_job_and_names_the_failing_one(tmp_path):
 
 
 def test_dry_run_of_a_single_run_fails_with_the_reason(tmp_path):
-    proc = run_script("train.py", *TINY_TRAIN, "schedule.zero_terminal_snr=true", "dry_run=true", "run_id=one",
-                      cwd=tmp_path, check=False)
+    proc = run_script("train.py", *TINY_TRAIN, "schedule.zero_terminal_snr=true", "objective=eps", "dry_run=true",
+                      "run_id=one", cwd=tmp_path, check=False)
     assert proc.returncode == 1 and "schedule.zero_terminal_snr=true needs objective=v" in proc.stderr
     ok = run_script("train.py", *TINY_TRAIN, "schedule.zero_terminal_snr=true", "objective=v", "dry_run=true",
                     "run_id=one", cwd=tmp_path)
