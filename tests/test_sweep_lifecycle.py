@@ -59,8 +59,8 @@ def test_a_killed_sweep_finishes_like_an_uninterrupted_one(tmp_path):
     assert len({_done(sweep, job)["value"] for job in range(3)}) == 3  # three seeds, three results
 
     # a finished job of another experiment under the same run_id is refused, naming the difference
-    other = run_script("train.py", "-m", *SWEEP, "objective=v", cwd=killed, check=False)
-    assert other.returncode != 0 and "other objective settings than this command (objective: eps -> v)" in other.stderr
+    other = run_script("train.py", "-m", *SWEEP, "objective=x0", cwd=killed, check=False)
+    assert other.returncode != 0 and "other objective settings than this command (objective: v -> x0)" in other.stderr
 
 
 @pytest.mark.slow
