@@ -1,6 +1,6 @@
 """Training throughput: difflab's Lightning training step vs a plain PyTorch loop (same UNet, schedule, EMA, data).
 
-    python -m bench.train_throughput [--steps 60] [--rounds 3] [--model small] [--resolution 16]
+    python -m bench.train_throughput [--steps 60] [--rounds 3] [--model small] [--resolution 16] [--batch 64]
 
 Both loops draw t and eps, run the UNet, take an AdamW step with gradient clipping and update the
 EMA with torch._foreach_lerp_. Rounds alternate between the two (step times drift 10-15% on these
@@ -91,8 +91,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--model", default="small")
     parser.add_argument("--resolution", type=int, default=16)
+    parser.add_argument("--batch", type=int, default=None, help="dataset.batch_size (default: the dataset's)")
     args = parser.parse_args()
-    cfg = compose("train", [f"model={args.model}", f"dataset.resolution={args.resolution}", "output_dir=/unused"])
+    cfg = compose("train", [f"model={args.model}", f"dataset.resolution={args.resolution}", "output_dir=/unused"]
+                  + ([f"dataset.batch_size={args.batch}"] if args.batch else []))
     ours, plain = [], []
     for _ in range(args.rounds):
         ours.append(difflab_images_per_second(cfg, args.steps))
