@@ -11,7 +11,8 @@ Frechet distance between ``--num-samples`` samples and the classifier's half; th
 (899 held-out real digits) against it, i.e. what a perfect generator scores at that sample size.
 
 Samples come from sample.py's own code path (its config, sampler and :class:`SamplingPlan`; EMA weights,
-seed 0). A setting is ``SAMPLER:STEPS[:SPACING]`` with SAMPLER a conf/sampler option.
+seed 0). A setting is ``SAMPLER:STEPS[:SPACING][:KEY=VALUE...]`` with SAMPLER a conf/sampler option and KEY one
+of its keys (``dpmpp_2m:20:clip_x0=true``).
 
 ``--train NAME="OVERRIDES"`` trains ``python train.py OVERRIDES seed=S`` for every seed of ``--seeds`` into
 outputs/bench/quality_per_compute/NAME_sS (reused when its last.ckpt is there) and prints the wall time of each;
@@ -88,10 +89,11 @@ def independent_features(resolution: int) -> ClassifierFeatures:
 
 def draw(ckpt: str, setting: str, num_samples: int, seed: int) -> tuple[torch.Tensor, float]:
     """``num_samples`` images (N, C, H, W) as ``python sample.py ckpt=CKPT sampler=... seed=SEED`` draws them; s/image."""
-    name, steps, *spacing = setting.split(":")
+    name, steps, *rest = setting.split(":")
     overrides = [f"ckpt={ckpt}", f"sampler={name}", f"sampler.num_steps={steps}", f"num_samples={num_samples}",
                  f"seed={seed}", "batch_size=256", "progress=false", f"output_dir={OUT}"]
-    cfg = compose("sample", overrides + [f"sampler.spacing={s}" for s in spacing])
+    # after the steps: a spacing (leading) or sampler keys (clip_x0=true, karras=true)
+    cfg = compose("sample", overrides + [f"sampler.{r}" if "=" in r else f"sampler.spacing={r}" for r in rest])
     module = load_checkpoint(cfg.ckpt)
     plan = sampling_plan(cfg, instantiate_node(cfg.sampler, "sampler"), module, torch.device("cpu"))
     start = time.perf_counter()
@@ -113,7 +115,8 @@ def trained(name: str, overrides: str, seed: int) -> Path:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="*", help="train.py run dirs or .ckpt files")
-    parser.add_argument("--settings", default=DEFAULT_SETTINGS, help="comma-separated SAMPLER:STEPS[:SPACING]")
+    parser.add_argument("--settings", default=DEFAULT_SETTINGS,
+                        help="comma-separated SAMPLER:STEPS[:SPACING][:KEY=VALUE...]")
     parser.add_argument("--train", action="append", default=[], metavar='NAME="OVERRIDES"')
     parser.add_argument("--seeds", default="0,1", help="training seeds of --train")
     parser.add_argument("--sigma-rels", default="", help="comma-separated post-hoc EMA widths to score as well")
